@@ -1,0 +1,1 @@
+"""ViViT for 3D medical volumes."""

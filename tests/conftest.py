@@ -1,0 +1,31 @@
+"""Shared fixtures: where the real MedMNIST files live, and quiet, reproducible torch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("VIVIT_MEDMNIST_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """The folder holding the real `adrenalmnist3d.npz` / `adrenalmnist3d_64.npz`.
+
+    Skips (with the reason) on machines without it; `.ci/run` sets VIVIT_MEDMNIST_REQUIRE_SHARED_DATA=1 so
+    that in CI a missing folder fails the test instead of silently skipping it.
+    """
+    if (SHARED_DATA / "adrenalmnist3d.npz").is_file():
+        return SHARED_DATA
+    reason = f"real MedMNIST data not found at {SHARED_DATA} (set VIVIT_MEDMNIST_SHARED_DATA)"
+    if os.environ.get("VIVIT_MEDMNIST_REQUIRE_SHARED_DATA") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
