@@ -1,1 +1,48 @@
-"""ViViT for 3D medical volumes."""
+"""ViViT for 3D medical volumes, as Hugging Face classes.
+
+Importing the package registers the classes with the transformers Auto classes (`AutoConfig`, `AutoModel`,
+`AutoModelForVideoClassification`, `AutoImageProcessor`) and for `save_pretrained`'s code export, so that a saved
+folder also loads with `trust_remote_code=True` where this package is not installed.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForVideoClassification,
+)
+
+from .configuration_vivit_medmnist import VivitMedmnistConfig
+from .image_processing_vivit_medmnist import VivitMedmnistImageProcessor
+from .modeling_vivit_medmnist import (
+    VivitMedmnistForVideoClassification,
+    VivitMedmnistModel,
+    VivitMedmnistPreTrainedModel,
+)
+
+# exist_ok: re-importing (e.g. importlib.reload in a notebook) must not fail
+AutoConfig.register(VivitMedmnistConfig.model_type, VivitMedmnistConfig, exist_ok=True)
+AutoModel.register(VivitMedmnistConfig, VivitMedmnistModel, exist_ok=True)
+AutoModelForVideoClassification.register(
+    VivitMedmnistConfig, VivitMedmnistForVideoClassification, exist_ok=True
+)
+# The processor works for both backends: registering only one makes every AutoImageProcessor load warn
+AutoImageProcessor.register(
+    VivitMedmnistConfig,
+    image_processor_classes={"pil": VivitMedmnistImageProcessor, "torchvision": VivitMedmnistImageProcessor},
+    exist_ok=True,
+)
+
+# save_pretrained then writes `auto_map` and copies the three module files next to the weights
+VivitMedmnistConfig.register_for_auto_class()
+VivitMedmnistModel.register_for_auto_class("AutoModel")
+VivitMedmnistForVideoClassification.register_for_auto_class("AutoModelForVideoClassification")
+VivitMedmnistImageProcessor.register_for_auto_class("AutoImageProcessor")
+
+__all__ = [
+    "VivitMedmnistConfig",
+    "VivitMedmnistForVideoClassification",
+    "VivitMedmnistImageProcessor",
+    "VivitMedmnistModel",
+    "VivitMedmnistPreTrainedModel",
+]

@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""Evaluate a saved (or Hub) ViViT-MedMNIST model on one split of a MedMNIST 3D set, with the training metrics.
+
+    python scripts/evaluate.py --model_name_or_path outputs/organmnist3d --dataset_name organmnist3d \
+        --data_dir ~/.medmnist --split test --output_file test_results.json
+
+The model and its image processor load with the Auto classes (a local folder or a Hub id); the split loads with
+`vivit_medmnist.data.load_medmnist3d` (downloaded on first use unless offline). Evaluation is
+`Trainer.predict` with the same collator and `compute_metrics` as `scripts/train.py`, so the numbers are the
+training run's: on a folder written by `train.py`, `--split test` reproduces its `test_results.json`.
+
+The metric keys are prefixed like the Trainer's: `test_*` for `--split test`, `eval_*` for `--split validation`
+(as in the validation metrics logged during training) and `train_*` for `--split train`; e.g. `test_accuracy`,
+`test_auc`, `test_loss` (plus `test_top5_accuracy` for multi-class sets and the Trainer's `test_runtime`,
+`test_samples_per_second`, `test_steps_per_second`). They are printed as JSON and written to `--output_file`.
+Runs on the GPU when there is one, else on the CPU.
+"""
+
+import json
+import logging
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForVideoClassification,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+)
+
+import vivit_medmnist  # noqa: F401 -- registers the model with the Auto classes
+from vivit_medmnist.data import MedMNIST3DCollator, load_medmnist3d
+from vivit_medmnist.metrics import compute_metrics
+
+logger = logging.getLogger(__name__)
+
+# --split -> the Trainer's metric_key_prefix
+METRIC_PREFIXES = {"test": "test", "validation": "eval", "train": "train"}
+
+
+@dataclass
+class EvaluateArguments:
+    model_name_or_path: str = field(
+        metadata={"help": "A folder written by scripts/train.py, or a Hub model id."}
+    )
+    dataset_name: str = field(metadata={"help": "The MedMNIST 3D set, e.g. organmnist3d or adrenalmnist3d."})
+    size: int = field(default=28, metadata={"help": "The volume size of the MedMNIST file: 28 or 64."})
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder holding <dataset_name>[_<size>].npz (default: $VIVIT_MEDMNIST_DATA_DIR or the cache)."
+        },
+    )
+    split: Literal["test", "validation", "train"] = field(
+        default="test",
+        metadata={"help": "The split to evaluate; sets the metric prefix (test_, eval_, train_)."},
+    )
+    output_file: str | None = field(default=None, metadata={"help": "Where to write the metrics as JSON."})
+    per_device_eval_batch_size: int = field(default=32, metadata={"help": "Batch size per device."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Data-loading worker processes."})
+    revision: str = field(
+        default="main", metadata={"help": "The Hub revision (branch, tag or commit) of the model."}
+    )
+
+
+def fail(message: str) -> None:
+    sys.exit(f"error: {message}")
+
+
+def check_model_path(name: str) -> str | None:
+    """An error message when `name` is neither an existing model folder nor shaped like a Hub id ORG/NAME."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return None if path.is_dir() else f"{name} is a file; expected a model folder or a Hub id ORG/NAME"
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        return f"{name}: no such model folder (and not a Hub id ORG/NAME)"
+    return None
+
+
+def load_model(args: EvaluateArguments):
+    if message := check_model_path(args.model_name_or_path):
+        fail(message)
+    try:
+        model = AutoModelForVideoClassification.from_pretrained(
+            args.model_name_or_path, revision=args.revision
+        )
+        processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, revision=args.revision)
+    except (OSError, ValueError, KeyError) as err:
+        fail(f"cannot load a model and image processor from {args.model_name_or_path!r}: {err}")
+    return model, processor
+
+
+def check_labels(model, label_names: list[str], args: EvaluateArguments) -> None:
+    """The model's classes must be the dataset's: same number, same names (unless the model has no names)."""
+    config = model.config
+    if config.num_labels != len(label_names):
+        fail(
+            f"the model has {config.num_labels} classes but {args.dataset_name} has {len(label_names)} "
+            f"({', '.join(label_names)}): it was not trained on this dataset"
+        )
+    model_names = [config.id2label[i] for i in range(config.num_labels)]
+    if model_names == [f"LABEL_{i}" for i in range(config.num_labels)]:
+        logger.warning("the model's config has no label names; assuming the dataset's order: %s", label_names)
+    elif model_names != label_names:
+        fail(f"the model's labels {model_names} are not {args.dataset_name}'s labels {label_names}")
+    volume = [args.size] * 3
+    if list(config.volume_size) != volume:
+        fail(f"the model takes volumes of size {config.volume_size}, but --size {args.size} gives {volume}")
+
+
+def evaluate(args: EvaluateArguments) -> dict[str, float]:
+    model, processor = load_model(args)
+    try:
+        dataset = load_medmnist3d(args.dataset_name, size=args.size, data_dir=args.data_dir)[args.split]
+    except (OSError, ValueError) as err:
+        fail(str(err))
+    check_labels(model, dataset.features["label"].names, args)
+
+    with tempfile.TemporaryDirectory(prefix="vivit-evaluate-") as tmp:  # the Trainer wants an output_dir
+        training_args = TrainingArguments(
+            output_dir=tmp,
+            per_device_eval_batch_size=args.per_device_eval_batch_size,
+            dataloader_num_workers=args.dataloader_num_workers,
+            use_cpu=not torch.cuda.is_available(),
+            report_to="none",
+        )
+        trainer = Trainer(
+            model=model,
+            args=training_args,
+            data_collator=MedMNIST3DCollator(processor),
+            compute_metrics=compute_metrics,
+        )
+        prefix = METRIC_PREFIXES[args.split]
+        metrics = trainer.predict(dataset, metric_key_prefix=prefix).metrics
+    # Timing of the Trainer's first-call model preparation: absent from train.py's results, and not a result.
+    metrics.pop(f"{prefix}_model_preparation_time", None)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.INFO)
+    (args,) = HfArgumentParser(EvaluateArguments).parse_args_into_dataclasses(args=argv)
+    metrics = evaluate(args)
+    text = json.dumps(metrics, indent=2, sort_keys=True)
+    print(text)
+    if args.output_file:
+        path = Path(args.output_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+        logger.info("wrote %s", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""Label 3D volumes stored as .npy / .npz files with a saved (or Hub) ViViT-MedMNIST model.
+
+    python scripts/predict.py --model_name_or_path outputs/organmnist3d scan.npy batch.npz --top_k 3
+
+Each array is one volume `(D, H, W)` or a batch `(N, D, H, W)`, uint8 (0..255, as MedMNIST stores them) or
+floating point already scaled to [0, 1]; `D, H, W` must be the model's `volume_size`. A `.npz` contributes
+every array it holds, or only the one named by `--key`. Files are read with `np.load(allow_pickle=False)`:
+pickled content (object arrays, pickles renamed .npy) is refused, never unpickled.
+
+For every volume it prints the predicted label and the `--top_k` labels with their probabilities (softmax of
+the logits); `--output_file` also writes them as JSON: a list of
+`{"file", "key", "index", "label", "label_id", "top_k": [{"label", "label_id", "probability"}, ...]}`
+(`key` is the array's name in a .npz, else null; `index` the position in a batch, else null).
+"""
+
+import argparse
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoImageProcessor, AutoModelForVideoClassification
+
+import vivit_medmnist  # noqa: F401 -- registers the model with the Auto classes
+
+
+class InputError(ValueError):
+    """A file that cannot be labelled; the message says what was expected and what came."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "files", nargs="+", help=".npy or .npz files of volumes (D, H, W) or batches (N, D, H, W)"
+    )
+    parser.add_argument(
+        "--model_name_or_path", required=True, help="a folder written by scripts/train.py or a Hub id"
+    )
+    parser.add_argument("--top_k", type=int, default=3, help="how many labels to list per volume (default 3)")
+    parser.add_argument("--key", default=None, help="in .npz files, label only this array")
+    parser.add_argument("--output_file", default=None, help="also write the predictions as JSON")
+    parser.add_argument("--batch_size", type=int, default=32, help="volumes per forward pass (default 32)")
+    parser.add_argument("--revision", default="main", help="the Hub revision of the model (default main)")
+    args = parser.parse_args(argv)
+    if args.top_k < 1:
+        parser.error(f"--top_k must be >= 1, got {args.top_k}")
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    return args
+
+
+def load_arrays(path: Path, key: str | None) -> list[tuple[str | None, np.ndarray]]:
+    """[(key or None, array)] from a .npy or .npz file, never unpickling anything."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix not in (".npy", ".npz"):
+        raise InputError(f"{path}: expected a .npy or .npz file, got {suffix or 'no extension'!r}")
+    if suffix == ".npy" and key is not None:
+        raise InputError(f"{path}: --key {key!r} applies to .npz files only")
+    try:
+        loaded = np.load(path, allow_pickle=False)  # decides by content: an ndarray or an NpzFile
+        if suffix == ".npy":
+            if not isinstance(loaded, np.ndarray):
+                loaded.close()
+                raise InputError(f"{path}: expected a .npy array, got a .npz archive (rename it to .npz)")
+            return [(None, loaded)]
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise InputError(f"{path}: expected a .npz archive, got a single .npy array (rename it to .npy)")
+        with loaded as npz:
+            if key is not None and key not in npz.files:
+                raise InputError(f"{path}: no array named {key!r}; the file holds {sorted(npz.files)}")
+            keys = [key] if key is not None else list(npz.files)
+            if not keys:
+                raise InputError(f"{path}: the archive holds no arrays")
+            return [(k, npz[k]) for k in keys]
+    except ValueError as err:
+        if isinstance(err, InputError):
+            raise
+        if "pickle" in str(err).lower():
+            raise InputError(
+                f"{path}: holds pickled data (e.g. an object array); refusing to unpickle it. Save the volumes "
+                "as a numeric array: np.save(path, volumes.astype(np.uint8))"
+            ) from err
+        raise InputError(f"{path}: not a readable numpy file ({err})") from err
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
+        raise InputError(f"{path}: not a readable numpy file ({type(err).__name__}: {err})") from err
+
+
+def as_batch(array: np.ndarray, volume_size: list[int], where: str) -> np.ndarray:
+    """(D, H, W) or (N, D, H, W) uint8/float -> (N, D, H, W), with errors naming the expected shape and dtype."""
+    expected = tuple(volume_size)
+    if array.dtype != np.uint8 and not np.issubdtype(array.dtype, np.floating):
+        raise InputError(
+            f"{where}: expected uint8 volumes (0..255) or floats scaled to [0, 1], got dtype {array.dtype}"
+        )
+    if array.ndim == 3 and array.shape == expected:
+        batch = array[None]
+    elif array.ndim == 4 and array.shape[1:] == expected and array.shape[0] > 0:
+        batch = array
+    else:
+        raise InputError(
+            f"{where}: expected one volume {expected} or a batch (N, {', '.join(map(str, expected))}), "
+            f"got shape {array.shape}"
+        )
+    if batch.dtype != np.uint8 and not (np.isfinite(batch).all() and 0 <= batch.min() <= batch.max() <= 1):
+        raise InputError(
+            f"{where}: float volumes must be scaled to [0, 1] (the model divides uint8 volumes by 255), got values "
+            f"in [{np.nanmin(batch)}, {np.nanmax(batch)}]; pass uint8 volumes (0..255) instead"
+        )
+    return batch
+
+
+def check_model_path(name: str) -> str | None:
+    """An error message when `name` is neither an existing model folder nor shaped like a Hub id ORG/NAME."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return None if path.is_dir() else f"{name} is a file; expected a model folder or a Hub id ORG/NAME"
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        return f"{name}: no such model folder (and not a Hub id ORG/NAME)"
+    return None
+
+
+@torch.no_grad()
+def predict(
+    model, processor, volumes: np.ndarray, top_k: int, batch_size: int
+) -> list[list[tuple[int, float]]]:
+    """[(label id, probability)] * top_k for every volume of the batch, most probable first."""
+    results = []
+    for start in range(0, len(volumes), batch_size):
+        inputs = processor(volumes[start : start + batch_size], return_tensors="pt").to(model.device)
+        probabilities = model(**inputs).logits.float().softmax(dim=-1)
+        values, indices = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1)
+        results += [list(zip(i.tolist(), v.tolist())) for i, v in zip(indices, values)]
+    return results
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if message := check_model_path(args.model_name_or_path):
+        sys.exit(f"error: {message}")
+    try:
+        model = AutoModelForVideoClassification.from_pretrained(
+            args.model_name_or_path, revision=args.revision
+        )
+        processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, revision=args.revision)
+    except (OSError, ValueError, KeyError) as err:
+        sys.exit(f"error: cannot load a model and image processor from {args.model_name_or_path!r}: {err}")
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    id2label = model.config.id2label
+
+    try:  # read and check every file before running the model, so a bad file fails fast
+        inputs = []
+        for name in args.files:
+            for key, array in load_arrays(Path(name), args.key):
+                where = name if key is None else f"{name}[{key}]"
+                inputs.append((name, key, array.ndim == 4, as_batch(array, model.config.volume_size, where)))
+    except InputError as err:
+        sys.exit(f"error: {err}")
+
+    records = []
+    for name, key, is_batch, volumes in inputs:
+        for index, top in enumerate(predict(model, processor, volumes, args.top_k, args.batch_size)):
+            record = {
+                "file": name,
+                "key": key,
+                "index": index if is_batch else None,
+                "label": id2label[top[0][0]],
+                "label_id": top[0][0],
+                "top_k": [{"label": id2label[i], "label_id": i, "probability": p} for i, p in top],
+            }
+            records.append(record)
+            where = name + (f"[{key}]" if key is not None else "") + (f"[{index}]" if is_batch else "")
+            ranking = ", ".join(f"{id2label[i]} {p:.4f}" for i, p in top)
+            print(f"{where}: {record['label']}  (top-{len(top)}: {ranking})")
+    if args.output_file:
+        path = Path(args.output_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(records, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Train ViViT on a MedMNIST 3D set and leave a publishable model folder in --output_dir.
+
+    python scripts/train.py --recipe recipes/organmnist3d.yaml --output_dir outputs/organmnist3d
+    python scripts/train.py --recipe recipes/organmnist3d.yaml --output_dir outputs/organmnist3d --resume_from_checkpoint
+    accelerate launch --multi_gpu --num_processes 2 scripts/train.py --recipe recipes/keras_reference.yaml ...
+
+Every `TrainingArguments` field is an option (`--learning_rate`, `--bf16`, `--torch_compile`, ...); see
+`--help` and `vivit_medmnist.training` for the rest (recipes, resuming, augmentation, the folder layout).
+"""
+
+import logging
+import time
+
+from transformers import set_seed
+
+from vivit_medmnist.publishing import save_publishable_folder
+from vivit_medmnist.training import (
+    build_image_processor,
+    build_model,
+    build_trainer,
+    describe_device,
+    finish_distributed,
+    load_data,
+    parse_args,
+    resolve_checkpoint,
+    save_results,
+    setup_logging,
+    training_summary,
+)
+
+logger = logging.getLogger("train")
+
+
+def main(argv=None):
+    run = parse_args(argv)
+    setup_logging(run.training)
+    logger.setLevel(logging.INFO if run.training.should_log else logging.WARNING)
+    logger.info(f"{describe_device(run.training)} output_dir={run.output_dir}")
+    try:
+        # Bad arguments and missing data end here with the message, not a traceback.
+        checkpoint = resolve_checkpoint(run.training)
+        with run.training.main_process_first(desc="loading the data"):  # the first run downloads it once
+            data = load_data(run.data)
+        label_names = data["train"].features["label"].names
+        set_seed(run.training.seed)  # before the model is made: its initial weights depend on it
+        model = build_model(run.model, label_names, run.data.size)
+        image_processor = build_image_processor(run.model)
+    except (ValueError, OSError) as err:
+        finish_distributed(wait=False)
+        raise SystemExit(f"error: {err}") from None
+
+    trainer = build_trainer(model, image_processor, data, run)
+    if checkpoint is not None:
+        logger.info(f"resuming from {checkpoint}")
+    start = time.perf_counter()
+    train_metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
+    train_seconds = time.perf_counter() - start
+    eval_metrics = trainer.evaluate()  # the final model (the best one with --load_best_model_at_end)
+    test = trainer.predict(data["test"], metric_key_prefix="test")  # the only look at the test set
+    for split, metrics in (("train", train_metrics), ("eval", eval_metrics), ("test", test.metrics)):
+        trainer.log_metrics(split, metrics)
+
+    if trainer.is_world_process_zero():
+        results = save_results(run.output_dir, train=train_metrics, eval=eval_metrics, test=test.metrics)
+        logits = test.predictions[0] if isinstance(test.predictions, tuple) else test.predictions
+        save_publishable_folder(
+            run.output_dir,
+            trainer.model,
+            image_processor,
+            dataset_name=run.data.dataset_name,
+            size=run.data.size,
+            log_history=trainer.state.log_history,
+            test_labels=test.label_ids,
+            test_logits=logits,
+            results=results,
+            training_summary=training_summary(run, trainer, data, train_seconds),
+        )
+        logger.info(f"publishable folder: {run.output_dir} (checkpoints in {run.training.output_dir})")
+    finish_distributed()
+
+
+if __name__ == "__main__":
+    main()

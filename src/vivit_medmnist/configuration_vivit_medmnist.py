@@ -1,0 +1,238 @@
+"""ViViT-MedMNIST model configuration.
+
+This file is copied next to the weights by `save_pretrained`, so it imports only torch/transformers (and
+`huggingface_hub`, which transformers itself requires).
+"""
+
+import math
+from collections.abc import Sequence
+
+from huggingface_hub.dataclasses import strict
+from transformers.activations import ACT2FN
+from transformers.configuration_utils import PreTrainedConfig
+
+POOLING_TYPES = ("mean", "cls")
+PADDING_TYPES = ("valid", "same")
+INITIALIZATIONS = ("keras", "normal")
+
+
+@strict
+class VivitMedmnistConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`VivitMedmnistModel`]: a ViViT (Arnab et al. 2021, "spatio-temporal attention" /
+    tubelet-embedding variant) for 3D volumes. The defaults reproduce the Keras example "Video Vision
+    Transformer" (Gosthipaty & Thakur) exactly, weight initialisation included:
+    `VivitMedmnistForVideoClassification(VivitMedmnistConfig(num_labels=11))` has 1,656,971 parameters, like
+    the Keras model trained on OrganMNIST3D.
+
+    A volume of size `(D, H, W)` is treated as a video of `D` frames of `H x W`; `pixel_values` have shape
+    `(batch, D, num_channels, H, W)`.
+
+    Args:
+        volume_size (`int` or `list[int]`, *optional*, defaults to 28):
+            The size `(D, H, W)` of the input volumes. An int means a cube. Stored as a list of 3 ints.
+        num_channels (`int`, *optional*, defaults to 1):
+            The number of channels of each voxel (1 for CT/MRI volumes).
+        tubelet_size (`int` or `list[int]`, *optional*, defaults to 8):
+            The size `(d, h, w)` of each tubelet, i.e. of the kernel of the Conv3d that embeds the volume into
+            tokens. An int means a cube. Stored as a list of 3 ints. It must not be larger than `volume_size`.
+        tubelet_stride (`int` or `list[int]`, *optional*):
+            The step between tubelets (the Conv3d stride). `None` (default) means `tubelet_size`: non-overlapping
+            tubelets, as in the reference. A smaller stride makes the tubelets overlap. Stored as a list of 3 ints
+            (or `None`). It must not be larger than `tubelet_size` (that would skip voxels).
+        padding (`str`, *optional*, defaults to `"valid"`):
+            How tubelets meet the border of the volume, with the meaning of Keras' `Conv3D(padding=...)`:
+            `"valid"` uses no padding and drops the trailing voxels no tubelet covers (the reference: 28 = 3 x 8 + 4,
+            so 4 voxels per axis are dropped and there are 3^3 = 27 tokens); `"same"` zero-pads the volume so that
+            there are `ceil(size / stride)` tubelets per axis and every voxel is covered (padding split as in
+            TensorFlow: half before, the odd voxel after).
+        hidden_size (`int`, *optional*, defaults to 128):
+            The width of the tokens (the Conv3d filters, the Keras `embed_dim`).
+        num_hidden_layers (`int`, *optional*, defaults to 8):
+            The number of Transformer blocks.
+        num_attention_heads (`int`, *optional*, defaults to 8):
+            The number of attention heads; `hidden_size` must be divisible by it (head dim 128 / 8 = 16, the Keras
+            `key_dim`).
+        intermediate_size (`int`, *optional*, defaults to 512):
+            The width of the first dense layer of each block's MLP (Keras: `embed_dim * 4`).
+        hidden_act (`str`, *optional*, defaults to `"gelu_pytorch_tanh"`):
+            The activation after the first MLP dense layer, a key of `transformers.activations.ACT2FN`. The
+            default is the tanh approximation of GELU, which is what `keras.ops.gelu` computes by default.
+        mlp_output_act (`str`, *optional*, defaults to `"gelu_pytorch_tanh"`):
+            The activation after the second MLP dense layer. The Keras reference applies GELU there too; `None`
+            gives the usual ViT MLP (linear output).
+        hidden_dropout_prob (`float`, *optional*, defaults to 0.0):
+            The dropout probability after the embeddings, the attention output projection and the MLP (the
+            reference has none).
+        attention_probs_dropout_prob (`float`, *optional*, defaults to 0.1):
+            The dropout probability of the attention weights (Keras `MultiHeadAttention(dropout=0.1)`).
+        drop_path_rate (`float`, *optional*, defaults to 0.0):
+            The stochastic-depth rate of the last block; block `i` of `L` drops its residual branches with
+            probability `drop_path_rate * i / (L - 1)` during training (the reference has none).
+        layer_norm_eps (`float`, *optional*, defaults to 1e-06):
+            The epsilon of every LayerNorm (the blocks' and the final one).
+        qkv_bias (`bool`, *optional*, defaults to `True`):
+            Whether the query/key/value projection has a bias (Keras `MultiHeadAttention` has one).
+        pooling (`str`, *optional*, defaults to `"mean"`):
+            How the tokens become one vector for the head: `"mean"` averages all tokens after the final
+            LayerNorm (Keras `GlobalAvgPool1D`, no CLS token); `"cls"` prepends a learned CLS token and uses its
+            final state (the ViT/ViViT convention; adds `hidden_size` parameters and one position).
+        initialization (`str`, *optional*, defaults to `"keras"`):
+            How new weights are initialised. `"keras"` reproduces Keras' defaults: glorot-uniform kernels with
+            Keras' fan computation (the attention kernels seen as Keras `EinsumDense` kernels of shape
+            `(hidden, heads, head_dim)` and `(heads, head_dim, hidden)`), zero biases, position embeddings (and
+            the CLS token) uniform in [-0.05, 0.05] (`keras.layers.Embedding`), LayerNorm weight 1 and bias 0.
+            `"normal"` is the transformers convention: every weight normal(0, `initializer_range`), zero biases,
+            LayerNorm 1/0.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            The standard deviation of the `"normal"` initialisation (unused by `"keras"`).
+
+    The usual [`PreTrainedConfig`] arguments are accepted too, notably `num_labels` (defaults to 2; OrganMNIST3D
+    has 11), `id2label`, `label2id` and `problem_type`.
+
+    Derived, read-only: `stride` (the effective tubelet stride), `grid_size` (tubelets per axis),
+    `num_tokens` (number of tubelet tokens, CLS excluded), `padding_amounts` (zero voxels added before/after on
+    each axis) and `sequence_length` (tokens seen by the encoder, CLS included).
+
+    Example:
+
+    ```python
+    >>> from vivit_medmnist import VivitMedmnistConfig, VivitMedmnistForVideoClassification
+    >>> config = VivitMedmnistConfig(num_labels=11)  # the Keras reference for OrganMNIST3D
+    >>> config.num_tokens
+    27
+    >>> model = VivitMedmnistForVideoClassification(config)
+    >>> model.num_parameters()
+    1656971
+    ```
+    """
+
+    model_type = "vivit_medmnist"
+
+    volume_size: int | list[int] | tuple[int, ...] = 28
+    num_channels: int = 1
+    tubelet_size: int | list[int] | tuple[int, ...] = 8
+    tubelet_stride: int | list[int] | tuple[int, ...] | None = None
+    padding: str = "valid"
+    hidden_size: int = 128
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    intermediate_size: int = 512
+    hidden_act: str = "gelu_pytorch_tanh"
+    mlp_output_act: str | None = "gelu_pytorch_tanh"
+    hidden_dropout_prob: float | int = 0.0
+    attention_probs_dropout_prob: float | int = 0.1
+    drop_path_rate: float | int = 0.0
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    pooling: str = "mean"
+    initialization: str = "keras"
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        # Plain ValueErrors here (not `validate_*` methods, which @strict would wrap in its own exception type).
+        self.volume_size = _triple(self.volume_size, "volume_size")
+        self.tubelet_size = _triple(self.tubelet_size, "tubelet_size")
+        if self.tubelet_stride is not None:
+            self.tubelet_stride = _triple(self.tubelet_stride, "tubelet_stride")
+        for name in (
+            "num_channels",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+        ):
+            _check_positive_int(getattr(self, name), name)
+        if any(t > v for t, v in zip(self.tubelet_size, self.volume_size)):
+            raise ValueError(
+                f"tubelet_size {self.tubelet_size} is larger than volume_size {self.volume_size} on some axis"
+            )
+        if any(s > t for s, t in zip(self.stride, self.tubelet_size)):
+            raise ValueError(
+                f"tubelet_stride {self.tubelet_stride} is larger than tubelet_size {self.tubelet_size} on some axis: "
+                "voxels between tubelets would be skipped"
+            )
+        if self.padding not in PADDING_TYPES:
+            raise ValueError(f"padding must be one of {PADDING_TYPES}, got {self.padding!r}")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        for name in ("hidden_act", "mlp_output_act"):
+            act = getattr(self, name)
+            if (act is not None or name == "hidden_act") and act not in ACT2FN:
+                raise ValueError(f"{name} must be a key of transformers' ACT2FN, got {act!r}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        if self.pooling not in POOLING_TYPES:
+            raise ValueError(f"pooling must be one of {POOLING_TYPES}, got {self.pooling!r}")
+        if self.initialization not in INITIALIZATIONS:
+            raise ValueError(f"initialization must be one of {INITIALIZATIONS}, got {self.initialization!r}")
+        if not self.initializer_range > 0:
+            raise ValueError(f"initializer_range must be > 0, got {self.initializer_range!r}")
+        super().__post_init__(**kwargs)
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {self.num_labels}")
+
+    @property
+    def stride(self) -> list[int]:
+        """The effective tubelet stride (D, H, W): `tubelet_stride`, or `tubelet_size` when it is `None`."""
+        return list(self.tubelet_size if self.tubelet_stride is None else self.tubelet_stride)
+
+    @property
+    def padding_amounts(self) -> list[tuple[int, int]]:
+        """Zero voxels added `(before, after)` on the D, H and W axes (all zero for `padding="valid"`)."""
+        if self.padding == "valid":
+            return [(0, 0)] * 3
+        amounts = []
+        for size, kernel, step in zip(self.volume_size, self.tubelet_size, self.stride):
+            total = max((math.ceil(size / step) - 1) * step + kernel - size, 0)
+            amounts.append((total // 2, total - total // 2))
+        return amounts
+
+    @property
+    def grid_size(self) -> list[int]:
+        """The number of tubelets along D, H and W."""
+        return [
+            (size + before + after - kernel) // step + 1
+            for size, kernel, step, (before, after) in zip(
+                self.volume_size, self.tubelet_size, self.stride, self.padding_amounts
+            )
+        ]
+
+    @property
+    def num_tokens(self) -> int:
+        """The number of tubelet tokens (the CLS token, if any, not included); 27 for the reference."""
+        return math.prod(self.grid_size)
+
+    @property
+    def sequence_length(self) -> int:
+        """The number of tokens the encoder sees: `num_tokens`, plus one with `pooling="cls"`."""
+        return self.num_tokens + (self.pooling == "cls")
+
+
+def _triple(value, name: str) -> list[int]:
+    """An int (a cube) or a sequence of 3 positive ints -> a list of 3 ints."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value] * 3
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 3:
+        raise ValueError(
+            f"{name} must be a positive int or a sequence of 3 positive ints (D, H, W), got {value!r}"
+        )
+    for item in value:
+        _check_positive_int(item, name, whole=value)
+    return [int(item) for item in value]
+
+
+def _check_positive_int(value, name: str, whole=None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        shown = value if whole is None else whole
+        raise ValueError(f"{name} must be a positive int, got {shown!r}")
+
+
+__all__ = ["VivitMedmnistConfig"]

@@ -1,0 +1,525 @@
+"""The pieces of `scripts/train.py`: arguments (with `--recipe` files), data, augmentation, model and Trainer.
+
+Arguments follow the Hugging Face example scripts: `HfArgumentParser` over `ModelArguments`, `DataArguments` and
+`transformers.TrainingArguments`, so every `TrainingArguments` field is a command-line option. On top of that:
+
+- `--recipe FILE.yaml`: a flat mapping of option names (without `--`) to values; they become the parser's
+  defaults, so options given on the command line win. Unknown keys and values of the wrong type are errors.
+- `--resume_from_checkpoint` with no value (or the value `last`) resumes from the newest checkpoint in
+  `<output_dir>/checkpoints`; with a path, from that checkpoint. Asking to resume when there is no checkpoint is an
+  error (training silently from scratch instead would surprise), and so is starting a new run over a folder
+  that already holds checkpoints (they would be mixed up with the new run's).
+- `use_cpu` defaults to True when there is no CUDA device (`--use_cpu false` restores the Trainer's own choice).
+- `--output_dir` (default `outputs/<dataset_name>`) is the publishable folder; the Trainer's checkpoints, which
+  hold pickles (`optimizer.pt`, `rng_state.pth`, `training_args.bin`), go to its `checkpoints/` subfolder only.
+
+Augmentation is seeded by (seed, epoch, volume index), never by a global RNG, so a run resumed from a checkpoint
+(even one saved mid-epoch) sees exactly the volumes the uninterrupted run saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import logging
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import datasets
+import numpy as np
+import torch
+import transformers
+import yaml
+from huggingface_hub.errors import StrictDataclassError
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForVideoClassification,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.hf_argparser import string_to_bool
+from transformers.trainer_utils import get_last_checkpoint
+
+from .configuration_vivit_medmnist import VivitMedmnistConfig
+from .data import MedMNIST3DCollator, load_medmnist3d
+from .image_processing_vivit_medmnist import VivitMedmnistImageProcessor
+from .metrics import compute_metrics
+from .modeling_vivit_medmnist import VivitMedmnistForVideoClassification
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"  # subfolder of --output_dir that holds the Trainer checkpoints (never published)
+RESUME_LAST = "last"  # what a bare --resume_from_checkpoint becomes
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train: a new one (the Keras reference architecture, changed by `config_overrides`) or a
+    saved one to fine-tune."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A saved model folder or Hub id to fine-tune; a new classification head is made when its "
+            "number of labels differs from the dataset's. Default: a new model."
+        },
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated config changes, e.g. 'hidden_size=64,num_hidden_layers=2,tubelet_size=[4,4,8]' "
+            "(values parsed as YAML; a list may also be a single int)."
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    """Which data and how it is augmented (all augmentation is off by default)."""
+
+    dataset_name: str = field(
+        default="organmnist3d", metadata={"help": "A MedMNIST 3D set, e.g. organmnist3d."}
+    )
+    size: int = field(default=28, metadata={"help": "Volume edge length: 28 or 64."})
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder holding <dataset_name>[_64].npz (downloaded there if missing and online)."},
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N training volumes."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N validation volumes."}
+    )
+    max_test_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N test volumes."}
+    )
+    flip_axes: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "Volume axes (0=D, 1=H, 2=W) each flipped with probability 1/2; give no value for none."
+        },
+    )
+    max_shift: int = field(
+        default=0, metadata={"help": "Shift volumes by up to N voxels per axis (zero fill)."}
+    )
+    intensity_scale: float = field(
+        default=0.0, metadata={"help": "Multiply intensities by a factor drawn from [1 - s, 1 + s]."}
+    )
+    intensity_shift: float = field(
+        default=0.0, metadata={"help": "Add an offset drawn from [-o, o] times 255 to the intensities."}
+    )
+
+    def augmentation(self) -> dict[str, Any]:
+        """The keyword arguments of `augment_volume`."""
+        return {
+            "flip_axes": tuple(self.flip_axes),
+            "max_shift": self.max_shift,
+            "intensity_scale": self.intensity_scale,
+            "intensity_shift": self.intensity_shift,
+        }
+
+
+class RunArguments(NamedTuple):
+    model: ModelArguments
+    data: DataArguments
+    training: TrainingArguments  # its output_dir is <output_dir>/checkpoints
+    output_dir: Path  # the publishable folder
+    recipe: str | None  # the --recipe file, if any
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line: recipe defaults < command-line options
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> HfArgumentParser:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser.description = "Train ViViT on a MedMNIST 3D set and write a publishable model folder."
+    parser.add_argument("--recipe", help="YAML file of option defaults (command-line options override them).")
+    for action in parser._actions:
+        if action.dest == "flip_axes":
+            action.nargs = (
+                "*"  # HfArgumentParser makes lists nargs="+": allow `--flip_axes` alone to mean none
+            )
+    # No CUDA: train on the CPU without being told (otherwise the Trainer may pick e.g. MPS, or each process of an
+    # `accelerate launch` on a CPU machine trains alone).
+    # Every parameter takes part in every forward: DDP need not search for unused ones (the Trainer would).
+    parser.set_defaults(
+        use_cpu=not torch.cuda.is_available(), ddp_find_unused_parameters=False, output_dir=""
+    )
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> RunArguments:
+    """Parse the command line (`sys.argv[1:]` if None) into the three dataclasses, after applying `--recipe`."""
+    argv = _bare_resume_flag(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe")
+    recipe = pre.parse_known_args(argv)[0].recipe
+    if recipe is not None:
+        parser.set_defaults(**load_recipe(recipe, parser))
+    model_args, data_args, training_args, _ = parser.parse_args_into_dataclasses(
+        args=argv, look_for_args_file=False
+    )
+    output_dir = Path(training_args.output_dir or Path("outputs") / data_args.dataset_name)
+    training_args.output_dir = str(output_dir / CHECKPOINTS)
+    return RunArguments(model_args, data_args, training_args, output_dir, recipe)
+
+
+def _bare_resume_flag(argv: list[str]) -> list[str]:
+    """argparse needs a value after --resume_from_checkpoint: give a bare flag the value `last`."""
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        bare = i + 1 == len(argv) or argv[i + 1].startswith("--")
+        if arg in ("--resume_from_checkpoint", "--resume-from-checkpoint") and bare:
+            out.append(RESUME_LAST)
+    return out
+
+
+def load_recipe(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Read a recipe: a flat YAML mapping of option name -> value, checked against `parser`'s options.
+
+    Values are converted with the option's own type, as if given on the command line, so a recipe cannot hold
+    anything the command line would refuse. Errors go through `parser.error` (usage + message, exit status 2).
+    """
+    try:
+        recipe = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        parser.error(f"cannot read recipe {path}: {err}")
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        parser.error(
+            f"recipe {path} must be a mapping of option names to values, got {type(recipe).__name__}"
+        )
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "recipe")}
+    unknown = [key for key in recipe if key not in actions]
+    if unknown:
+        hints = [
+            f"{key!r}"
+            + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, actions)) else "")
+            for key in unknown
+        ]
+        parser.error(f"recipe {path}: unknown key(s) {', '.join(hints)}; keys are option names without '--'")
+    defaults = {}
+    for key, value in recipe.items():
+        try:
+            defaults[key] = _convert_recipe_value(actions[key], value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+            parser.error(f"recipe {path}: invalid value {value!r} for {key!r}: {err}")
+    return defaults
+
+
+def _convert_recipe_value(action: argparse.Action, value: Any) -> Any:
+    if value is None:
+        return None
+    if action.nargs in ("+", "*"):
+        return [_convert_one(action, item) for item in (value if isinstance(value, list) else [value])]
+    if isinstance(value, list):
+        raise TypeError("expected a single value, got a list")
+    return _convert_one(action, value)
+
+
+def _convert_one(action: argparse.Action, value: Any) -> Any:
+    if isinstance(value, dict):
+        value = json.dumps(value)  # dict options (e.g. lr_scheduler_kwargs) take JSON on the command line
+    elif isinstance(value, bool) and action.type is not string_to_bool:
+        raise TypeError("expected a value of the option's type, got a boolean")
+    elif isinstance(value, (list, tuple)):
+        raise TypeError("expected a single value, got a list")
+    converted = action.type(str(value)) if action.type is not None else str(value)
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError(f"expected one of {list(action.choices)}")
+    return converted
+
+
+def parse_config_overrides(text: str | None) -> dict[str, Any]:
+    """'hidden_size=64,tubelet_size=[4,4,8],pooling=cls' -> a dict of config fields, values parsed as YAML.
+
+    Keys must be `VivitMedmnistConfig` attributes; a value is coerced to float where the default is a float (YAML
+    reads `1e-6` as a string). The config itself validates the values.
+    """
+    if not text:
+        return {}
+    defaults = VivitMedmnistConfig()
+    overrides = {}
+    for item in re.split(r",(?![^\[]*\])", text):  # commas outside [...]
+        key, sep, raw = (part.strip() for part in item.partition("="))
+        if not sep or not key or key.startswith("_") or not hasattr(defaults, key):
+            raise ValueError(
+                f"--config_overrides: {item.strip()!r} is not 'field=value' with a VivitMedmnistConfig field "
+                f"(e.g. hidden_size=64,num_hidden_layers=2,tubelet_size=4)"
+            )
+        value = yaml.safe_load(raw) if raw else raw
+        if (
+            isinstance(getattr(defaults, key), float)
+            and isinstance(value, (str, int))
+            and not isinstance(value, bool)
+        ):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"--config_overrides: {key} must be a number, got {raw!r}") from None
+        overrides[key] = value
+    return overrides
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Run set-up: logging, device, checkpoints
+# --------------------------------------------------------------------------------------------------------------
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    """Our messages at INFO on the main process (WARNING on the others); transformers/datasets at `log_level`."""
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    log_level = training_args.get_process_log_level()
+    transformers.utils.logging.set_verbosity(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+
+
+def describe_device(training_args: TrainingArguments) -> str:
+    """e.g. 'world_size=2 device=cpu' (touching `device` also sets up the process group of a distributed run)."""
+    return f"world_size={training_args.world_size} device={training_args.device.type}"
+
+
+def resolve_checkpoint(training_args: TrainingArguments) -> str | None:
+    """The checkpoint to resume from (None: a new run). ValueError when resuming is impossible or unsafe."""
+    checkpoint_dir = Path(training_args.output_dir)
+    existing = get_last_checkpoint(checkpoint_dir) if checkpoint_dir.is_dir() else None
+    requested = training_args.resume_from_checkpoint
+    if requested is None:
+        if existing is not None:
+            raise ValueError(
+                f"{checkpoint_dir} already holds checkpoints (newest: {existing}) of another run. Continue it with "
+                "--resume_from_checkpoint, or choose another --output_dir (or delete the folder) to start afresh."
+            )
+        return None
+    if requested == RESUME_LAST:
+        if existing is None:
+            raise ValueError(
+                f"--resume_from_checkpoint: no checkpoint-* folder in {checkpoint_dir} to resume from. "
+                "Drop the flag to start a new run."
+            )
+        return existing
+    if not Path(requested).is_dir():
+        raise ValueError(f"--resume_from_checkpoint: {requested} is not a checkpoint folder")
+    return requested
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data and augmentation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_data(data_args: DataArguments) -> datasets.DatasetDict:
+    """The train/validation/test splits, cut to the --max_*_samples first volumes."""
+    data = load_medmnist3d(data_args.dataset_name, size=data_args.size, data_dir=data_args.data_dir)
+    limits = {
+        "train": data_args.max_train_samples,
+        "validation": data_args.max_eval_samples,
+        "test": data_args.max_test_samples,
+    }
+    for split, limit in limits.items():
+        if limit is not None:
+            data[split] = data[split].select(range(min(limit, len(data[split]))))
+    return data
+
+
+def augment_volume(
+    volume: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    flip_axes: Sequence[int] = (),
+    max_shift: int = 0,
+    intensity_scale: float = 0.0,
+    intensity_shift: float = 0.0,
+) -> np.ndarray:
+    """A randomly flipped, shifted and intensity-jittered copy of a uint8 volume (D, H, W), drawn from `rng`."""
+    out = volume
+    for axis in flip_axes:
+        if rng.random() < 0.5:
+            out = np.flip(out, axis=axis)
+    if max_shift > 0:
+        shifts = rng.integers(-max_shift, max_shift + 1, size=3)
+        padded = np.pad(out, max_shift)  # zero fill: nothing wraps around to the opposite side
+        starts = max_shift - shifts
+        out = padded[tuple(slice(s, s + n) for s, n in zip(starts, out.shape))]
+    if intensity_scale > 0 or intensity_shift > 0:
+        scale = rng.uniform(1 - intensity_scale, 1 + intensity_scale)
+        offset = rng.uniform(-intensity_shift, intensity_shift) * 255
+        out = np.clip(np.rint(out.astype(np.float32) * scale + offset), 0, 255)
+    return np.ascontiguousarray(out, dtype=np.uint8)
+
+
+class AugmentedDataset(torch.utils.data.Dataset):
+    """A dataset whose item i in epoch e is row i augmented with `np.random.default_rng([seed, e, i])`.
+
+    Being a function of (seed, epoch, index) only, the augmentation does not depend on which process reads the row,
+    on data-loader workers, or on whether the run was resumed. `set_epoch` is called by `EpochCallback` (accelerate's
+    data loader calls it too, but not for every sampler set-up, e.g. not under DDP).
+    """
+
+    def __init__(self, dataset, seed: int, **augmentation):
+        self.dataset = dataset
+        self.seed = seed
+        self.augmentation = augmentation
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = dict(self.dataset[int(index)])
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        row["pixel_values"] = augment_volume(np.asarray(row["pixel_values"]), rng, **self.augmentation)
+        return row
+
+
+class EpochCallback(TrainerCallback):
+    """Tells the dataset the epoch that starts: `state.epoch` counts finished epochs (fractional after a
+    mid-epoch checkpoint, e.g. 1.5 when resuming in the middle of the second epoch)."""
+
+    def __init__(self, dataset: AugmentedDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(int(state.epoch))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model and Trainer
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_model(model_args: ModelArguments, label_names: Sequence[str], size: int):
+    """A new model for `size`^3 volumes, or the saved one (new head if the label count differs).
+
+    Raises ValueError (bad overrides, volume size mismatch) or OSError (unreadable model path).
+    """
+    labels = {
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {name: i for i, name in enumerate(label_names)},
+    }
+    overrides = parse_config_overrides(model_args.config_overrides)
+    path = model_args.model_name_or_path
+    if path is None:
+        try:
+            return VivitMedmnistForVideoClassification(
+                VivitMedmnistConfig(volume_size=size, **labels, **overrides)
+            )
+        except StrictDataclassError as err:  # the config's type checks
+            raise ValueError(f"invalid model configuration: {err}") from err
+    try:
+        model = AutoModelForVideoClassification.from_pretrained(
+            path, ignore_mismatched_sizes=True, **labels, **overrides
+        )
+    except (OSError, ValueError, StrictDataclassError) as err:
+        raise ValueError(f"--model_name_or_path {path}: cannot load a model: {err}") from err
+    if list(model.config.volume_size) != [size] * 3:
+        raise ValueError(
+            f"--model_name_or_path {path} expects volumes of size {model.config.volume_size}, the data is "
+            f"{size}^3: pass --size {model.config.volume_size[0]} (position embeddings are per volume size)"
+        )
+    return model
+
+
+def build_image_processor(model_args: ModelArguments):
+    """The saved model's processor when fine-tuning, else the default (uint8 / 255, as the reference)."""
+    if model_args.model_name_or_path is None:
+        return VivitMedmnistImageProcessor()
+    return AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
+
+
+def build_trainer(model, image_processor, data: datasets.DatasetDict, run: RunArguments) -> Trainer:
+    train = AugmentedDataset(data["train"], seed=run.training.seed, **run.data.augmentation())
+    return Trainer(
+        model=model,
+        args=run.training,
+        train_dataset=train,
+        eval_dataset=data["validation"],
+        data_collator=MedMNIST3DCollator(image_processor),
+        processing_class=image_processor,
+        compute_metrics=compute_metrics,
+        callbacks=[EpochCallback(train)],
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------------------
+
+
+def save_results(output_dir: Path, **metrics_by_split: Mapping[str, Any]) -> dict[str, Any]:
+    """Write <split>_results.json for each split and all_results.json (their union); return the union."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    everything = {}
+    for split, metrics in metrics_by_split.items():
+        (output_dir / f"{split}_results.json").write_text(json.dumps(dict(metrics), indent=2, sort_keys=True))
+        everything.update(metrics)
+    (output_dir / "all_results.json").write_text(json.dumps(everything, indent=2, sort_keys=True))
+    return everything
+
+
+def training_summary(
+    run: RunArguments, trainer: Trainer, data: datasets.DatasetDict, train_seconds: float
+) -> dict:
+    """The training set-up, flat, for the model card."""
+    args = run.training
+    augmentation = {k: v for k, v in run.data.augmentation().items() if v}
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    return {
+        "recipe": Path(run.recipe).name if run.recipe else "none (command-line options)",
+        "initialisation": run.model.model_name_or_path or f"new ({trainer.model.config.initialization})",
+        "config overrides": run.model.config_overrides or "none",
+        "parameters": trainer.model.num_parameters(),
+        "train / validation / test volumes": f"{len(data['train'])} / {len(data['validation'])} / {len(data['test'])}",
+        "epochs": args.num_train_epochs,
+        "batch size (per device x devices x accumulation)": (
+            f"{args.per_device_train_batch_size} x {args.world_size} x {args.gradient_accumulation_steps}"
+        ),
+        "optimizer": args.optim,
+        "learning rate": args.learning_rate,
+        "adam betas / epsilon": f"{args.adam_beta1}, {args.adam_beta2} / {args.adam_epsilon}",
+        "weight decay": args.weight_decay,
+        "lr schedule": f"{args.lr_scheduler_type}, warmup {args.warmup_steps}",
+        "gradient clipping": args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else "none",
+        "augmentation": ", ".join(f"{k}={v}" for k, v in augmentation.items()) or "none",
+        "model selection": (
+            f"best validation {args.metric_for_best_model}" if args.load_best_model_at_end else "last epoch"
+        ),
+        "seed": args.seed,
+        "device": args.device.type,
+        "world size": args.world_size,
+        "precision": precision,
+        "train time (s)": round(train_seconds, 1),
+    }
+
+
+def finish_distributed(wait: bool = True) -> None:
+    """Tear the process group down at exit (without it, some gloo runs abort at interpreter shutdown).
+
+    `wait`: first wait for the other processes (the normal end; not on an error, which may be one process's).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if wait:
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

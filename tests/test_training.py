@@ -1,0 +1,523 @@
+"""scripts/train.py and vivit_medmnist.training: arguments and recipes, augmentation seeding, a real (tiny) run
+that leaves the publishable folder, resume after a SIGKILL equals an uninterrupted run, DDP over gloo keeps the
+loss scale, and bad arguments fail with a clear message.
+
+The runs train a tiny model (1 block of width 32) on the first volumes of the real AdrenalMNIST3D file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoImageProcessor, AutoModelForVideoClassification, TrainerState
+
+from vivit_medmnist.training import (
+    RESUME_LAST,
+    AugmentedDataset,
+    EpochCallback,
+    ModelArguments,
+    augment_volume,
+    build_model,
+    parse_args,
+    parse_config_overrides,
+    resolve_checkpoint,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "scripts" / "train.py"
+TINY_MODEL = "hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=64"
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
+
+
+def tiny_run_args(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+    """64 training volumes, batch 16: 4 optimizer steps per epoch, 2 epochs."""
+    return [
+        "--dataset_name", "adrenalmnist3d", "--data_dir", str(data_dir), "--output_dir", str(output_dir),
+        "--config_overrides", TINY_MODEL,
+        "--max_train_samples", "64", "--max_eval_samples", "16", "--max_test_samples", "32",
+        "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16", "--num_train_epochs", "2",
+        "--logging_steps", "1", "--disable_tqdm", "true", "--seed", "7",
+        *extra,
+    ]  # fmt: skip
+
+
+# Augmentation ON (so its seeding is tested), a checkpoint and a validation every 2 steps (mid-epoch),
+# best-checkpoint selection on the validation loss (so its bookkeeping must survive a resume too).
+RESUMABLE = (
+    "--flip_axes", "0", "1", "2", "--max_shift", "2", "--intensity_scale", "0.1", "--intensity_shift", "0.05",
+    "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
+    "--save_total_limit", "2", "--load_best_model_at_end", "true",
+)  # fmt: skip
+
+
+def run(cmd: list[str], env: dict | None = None, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cmd,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def train(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    result = run([sys.executable, str(TRAIN), *args], **kwargs)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def log_history(output_dir: Path) -> list[dict]:
+    checkpoint = max(
+        (output_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
+    )
+    return TrainerState.load_from_json(str(checkpoint / "trainer_state.json")).log_history
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shared_data_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    output_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    return output_dir, train(tiny_run_args(shared_data_dir, output_dir, *RESUMABLE))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A real run leaves the publishable folder
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_run_writes_publishable_folder(uninterrupted, shared_data_dir):
+    output_dir, result = uninterrupted
+    assert "world_size=1 device=cpu" in result.stdout  # no CUDA here: use_cpu without being told
+    for name in [
+        "model.safetensors", "config.json", "preprocessor_config.json", "configuration_vivit_medmnist.py",
+        "modeling_vivit_medmnist.py", "image_processing_vivit_medmnist.py", "README.md",
+        "training_curves.png", "confusion_matrix.png",
+        "all_results.json", "train_results.json", "eval_results.json", "test_results.json",
+    ]:  # fmt: skip
+        assert (output_dir / name).is_file() and (output_dir / name).stat().st_size > 0, name
+    top_level = [p for p in output_dir.iterdir() if p.is_file()]
+    assert not [p.name for p in top_level if p.suffix in PICKLE_SUFFIXES]
+    # the pickles the Trainer needs to resume exist, but only under checkpoints/
+    assert list((output_dir / "checkpoints").glob("checkpoint-*/optimizer.pt"))
+
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["id2label"] == {"0": "normal", "1": "hyperplasia"}
+    assert config["auto_map"]["AutoModelForVideoClassification"].endswith(
+        "VivitMedmnistForVideoClassification"
+    )
+    test = json.loads((output_dir / "test_results.json").read_text())
+    assert {"test_accuracy", "test_auc", "test_loss"} <= test.keys()
+    everything = json.loads((output_dir / "all_results.json").read_text())
+    assert {"test_accuracy", "test_auc", "eval_accuracy", "eval_auc", "train_loss"} <= everything.keys()
+    validations = [entry for entry in log_history(output_dir) if "eval_loss" in entry]
+    assert [entry["step"] for entry in validations] == [2, 4, 6, 8]  # validated during training
+
+    # The saved folder loads with the Auto classes and is the model that was tested.
+    model = AutoModelForVideoClassification.from_pretrained(output_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(output_dir)
+    data = np.load(shared_data_dir / "adrenalmnist3d.npz")
+    volumes, labels = data["test_images"][:32], data["test_labels"][:32, 0]
+    with torch.no_grad():
+        logits = model(**processor(volumes, return_tensors="pt")).logits
+    assert float((logits.argmax(-1).numpy() == labels).mean()) == pytest.approx(test["test_accuracy"])
+
+
+def test_fine_tune_from_the_saved_folder(uninterrupted):
+    output_dir, _ = uninterrupted
+    saved = load_file(output_dir / "model.safetensors")
+    model_args = ModelArguments(model_name_or_path=str(output_dir))
+    model = build_model(model_args, ["a", "b", "c"], 28)  # 3 labels instead of 2: a new head
+    assert model.config.num_labels == 3 and model.config.id2label == {0: "a", 1: "b", 2: "c"}
+    state = model.state_dict()
+    new_head = [name for name in saved if state[name].shape != saved[name].shape]
+    assert len(new_head) == 2 and all(state[name].shape[0] == 3 for name in new_head)  # weight and bias
+    assert all(torch.equal(state[name], saved[name]) for name in saved if name not in new_head)
+    with pytest.raises(ValueError, match=r"expects volumes of size \[28, 28, 28\], the data is 64\^3"):
+        build_model(model_args, ["a", "b"], 64)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Killed mid-epoch and resumed == uninterrupted
+# --------------------------------------------------------------------------------------------------------------
+
+KILL_AFTER_SAVE = """
+import os, runpy, signal, sys
+from transformers import TrainerCallback, trainer
+
+class KillAfterSave(TrainerCallback):  # SIGKILL right after the checkpoint of step KILL_AT_STEP is on disk
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == int(os.environ["KILL_AT_STEP"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+trainer.DEFAULT_CALLBACKS.append(KillAfterSave)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_killed_mid_epoch_then_resumed_equals_uninterrupted(uninterrupted, shared_data_dir, tmp_path):
+    reference_dir, _ = uninterrupted
+    output_dir = tmp_path / "run"
+    args = tiny_run_args(shared_data_dir, output_dir, *RESUMABLE)
+    harness = tmp_path / "kill_after_save.py"
+    harness.write_text(textwrap.dedent(KILL_AFTER_SAVE))
+
+    # Step 6 is the middle of the second epoch (4 steps per epoch): the epoch of the augmentation, the data order
+    # and the position within the epoch must all be restored.
+    killed = run([sys.executable, str(harness), str(TRAIN), *args], env={"KILL_AT_STEP": "6"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not (output_dir / "model.safetensors").exists()
+    assert (output_dir / "checkpoints" / "checkpoint-6").is_dir()
+
+    resumed = train([*args, "--resume_from_checkpoint"])  # bare flag: the newest checkpoint
+    assert f"resuming from {output_dir / 'checkpoints' / 'checkpoint-6'}" in resumed.stdout
+    logged_epochs = [float(line.split("'epoch': '")[1].split("'")[0]) for line in resumed.stdout.splitlines()
+                     if line.startswith("{'loss'")]  # fmt: skip
+    assert logged_epochs and min(logged_epochs) > 1.5, "the resumed run must not redo steps 1-6"
+
+    expected, got = (
+        load_file(reference_dir / "model.safetensors"),
+        load_file(output_dir / "model.safetensors"),
+    )
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    for split in ("test", "eval"):
+        expected_metrics = json.loads((reference_dir / f"{split}_results.json").read_text())
+        got_metrics = json.loads((output_dir / f"{split}_results.json").read_text())
+        for key in (f"{split}_accuracy", f"{split}_auc", f"{split}_loss"):
+            assert got_metrics[key] == pytest.approx(expected_metrics[key], rel=1e-6), key
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DDP: two processes over gloo
+# --------------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_keep_the_loss_scale(shared_data_dir, tmp_path):
+    # Without dropout and with the same seed, 2 processes x 8 volumes see the same global batches as 1 process x
+    # 16 volumes, so the logged losses and gradient norms must coincide. The loss-scaling trap (mean loss per
+    # process, multiplied by the world size) doubles the loss; two processes that each train alone log
+    # world_size=1.
+    common = ["--config_overrides", TINY_MODEL + ",attention_probs_dropout_prob=0", "--num_train_epochs", "1",
+              "--eval_strategy", "epoch", "--save_strategy", "epoch"]  # fmt: skip
+    ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(TRAIN),
+    ]  # fmt: skip
+    ddp = run([*launch, *tiny_run_args(shared_data_dir, ddp_dir), *common, "--use_cpu", "true",
+               "--per_device_train_batch_size", "8"])  # fmt: skip
+    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+    assert "world_size=2 device=cpu" in ddp.stdout
+    assert (ddp_dir / "test_results.json").is_file()
+    train(tiny_run_args(shared_data_dir, single_dir) + common)
+
+    def losses(output_dir):
+        entries = [entry for entry in log_history(output_dir) if "loss" in entry]
+        return [entry["loss"] for entry in entries], [entry["grad_norm"] for entry in entries]
+
+    (ddp_loss, ddp_grad), (single_loss, single_grad) = losses(ddp_dir), losses(single_dir)
+    assert len(ddp_loss) == len(single_loss) == 4
+    assert 1 / 1.3 < ddp_loss[0] / single_loss[0] < 1.3
+    assert ddp_loss == pytest.approx(single_loss, rel=1e-3)
+    assert ddp_grad == pytest.approx(single_grad, rel=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad arguments: a clear message and a non-zero exit
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def train_main():
+    return runpy.run_path(str(TRAIN), run_name="train_script")["main"]
+
+
+def test_missing_data_offline_exits_with_the_message(tmp_path):
+    result = run(
+        [sys.executable, str(TRAIN), "--dataset_name", "adrenalmnist3d", "--data_dir", str(tmp_path),
+         "--output_dir", str(tmp_path / "out")],
+        env={"HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "error: adrenalmnist3d.npz not found" in result.stderr and "offline" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--dataset_name", "brainmnist3d"],
+            "Unknown MedMNIST 3D dataset 'brainmnist3d'; expected one of: organmnist3d",
+        ),
+        (["--model_name_or_path", "{tmp}"], "cannot load a model"),
+        (["--resume_from_checkpoint"], "no checkpoint-* folder"),
+        (["--resume_from_checkpoint", "{tmp}/nowhere"], "is not a checkpoint folder"),
+        (["--config_overrides", "hidden_size=abc"], "hidden_size"),
+        (["--config_overrides", "hiden_size=64"], "'hiden_size=64' is not 'field=value'"),
+    ],
+)
+def test_bad_arguments_fail_clearly(train_main, shared_data_dir, tmp_path, args, message):
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    base = [
+        "--dataset_name",
+        "adrenalmnist3d",
+        "--data_dir",
+        str(shared_data_dir),
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([*base, *args])
+    assert str(exit_info.value.code).startswith("error: ")
+    assert message in str(exit_info.value.code)
+
+
+def test_new_run_refuses_a_folder_with_checkpoints(train_main, shared_data_dir, tmp_path):
+    (tmp_path / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="already holds checkpoints"):
+        train_main(
+            [
+                "--dataset_name",
+                "adrenalmnist3d",
+                "--data_dir",
+                str(shared_data_dir),
+                "--output_dir",
+                str(tmp_path),
+            ]
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Arguments and recipes (in-process)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def write_recipe(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def test_recipe_values_are_defaults_the_command_line_overrides(tmp_path):
+    recipe = write_recipe(
+        tmp_path,
+        """
+        dataset_name: adrenalmnist3d
+        learning_rate: 1e-3          # YAML reads this as a string: converted like a command-line value
+        num_train_epochs: 7
+        max_grad_norm: 0
+        lr_scheduler_type: constant
+        lr_scheduler_kwargs: {foo: 1}
+        flip_axes: [0, 2]
+        max_shift: 3
+        load_best_model_at_end: false
+        """,
+    )
+    run_args = parse_args(["--recipe", recipe, "--learning_rate", "0.01", "--flip_axes", "--output_dir", "o"])
+    assert run_args.training.learning_rate == 0.01  # command line wins
+    assert run_args.data.flip_axes == []  # a bare list option clears the recipe's list
+    assert run_args.training.num_train_epochs == 7.0 and run_args.training.max_grad_norm == 0.0
+    assert run_args.training.lr_scheduler_type == "constant"
+    assert run_args.training.lr_scheduler_kwargs == {"foo": 1}
+    assert run_args.data.max_shift == 3 and run_args.data.dataset_name == "adrenalmnist3d"
+    assert run_args.recipe == recipe
+    assert run_args.output_dir == Path("o") and run_args.training.output_dir == str(Path("o") / "checkpoints")
+    no_recipe = parse_args([])
+    assert no_recipe.training.learning_rate == 5e-5 and no_recipe.output_dir == Path("outputs/organmnist3d")
+    assert no_recipe.training.use_cpu is (not torch.cuda.is_available())
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "lerning_rate: 0.1\nfoo: 1\n",
+            "unknown key(s) 'lerning_rate' (did you mean 'learning_rate'?), 'foo'",
+        ),
+        ("learning_rate: fast\n", "invalid value 'fast' for 'learning_rate'"),
+        ("num_train_epochs: [1, 2]\n", "invalid value [1, 2] for 'num_train_epochs'"),
+        ("per_device_train_batch_size: 3.5\n", "invalid value 3.5 for 'per_device_train_batch_size'"),
+        ("eval_strategy: weekly\n", "invalid value 'weekly' for 'eval_strategy'"),
+        ("max_shift: true\n", "invalid value True for 'max_shift'"),
+        ("- a list\n", "must be a mapping"),
+        ("learning_rate: [1\n", "cannot read recipe"),
+    ],
+)
+def test_bad_recipes_are_rejected(tmp_path, capsys, text, message):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--recipe", write_recipe(tmp_path, text)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bare_resume_flag_means_the_last_checkpoint(tmp_path):
+    for argv in (["--resume_from_checkpoint"], ["--resume_from_checkpoint", "--seed", "3"]):
+        assert parse_args(argv).training.resume_from_checkpoint == RESUME_LAST
+    assert (
+        parse_args(["--resume_from_checkpoint", "x/checkpoint-3"]).training.resume_from_checkpoint
+        == "x/checkpoint-3"
+    )
+
+    training = parse_args(["--output_dir", str(tmp_path), "--resume_from_checkpoint"]).training
+    with pytest.raises(ValueError, match="no checkpoint"):
+        resolve_checkpoint(training)
+    for step in (2, 10, 4):
+        (tmp_path / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+    assert resolve_checkpoint(training) == str(tmp_path / "checkpoints" / "checkpoint-10")
+
+
+def test_shipped_recipes():
+    keras = parse_args(["--recipe", str(REPO / "recipes" / "keras_reference.yaml")])
+    args = keras.training
+    assert (args.learning_rate, args.adam_epsilon, args.weight_decay, args.max_grad_norm) == (
+        1e-4,
+        1e-7,
+        0.0,
+        0.0,
+    )
+    assert (args.adam_beta1, args.adam_beta2, args.optim) == (
+        0.9,
+        0.999,
+        "adamw_torch",
+    )  # AdamW, no decay = Adam
+    assert args.lr_scheduler_type == "constant" and args.warmup_steps == 0
+    assert (args.per_device_train_batch_size, args.num_train_epochs) == (32, 60)
+    assert args.eval_strategy == "epoch" and not args.load_best_model_at_end
+    assert args.save_strategy == "epoch" and args.save_total_limit == 2
+    assert keras.model.config_overrides is None and keras.data.dataset_name == "organmnist3d"
+    assert keras.data.augmentation() == {
+        "flip_axes": (),
+        "max_shift": 0,
+        "intensity_scale": 0.0,
+        "intensity_shift": 0.0,
+    }
+    labels = [f"organ{i}" for i in range(11)]
+    assert build_model(keras.model, labels, 28).num_parameters() == 1_656_971  # the Keras model's count
+
+    organ = parse_args(["--recipe", str(REPO / "recipes" / "organmnist3d.yaml")])
+    assert organ.data.flip_axes == []  # left/right organs: no flips
+    assert (
+        organ.training.load_best_model_at_end and organ.training.save_strategy == organ.training.eval_strategy
+    )
+    adrenal = parse_args(["--recipe", str(REPO / "recipes" / "adrenalmnist3d.yaml")])
+    assert adrenal.data.dataset_name == "adrenalmnist3d" and adrenal.training.load_best_model_at_end
+
+
+def test_config_overrides():
+    overrides = parse_config_overrides(
+        "hidden_size=64, num_hidden_layers=2,tubelet_size=[4,4,7],layer_norm_eps=1e-5"
+    )
+    assert overrides == {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "tubelet_size": [4, 4, 7],
+        "layer_norm_eps": 1e-5,
+    }
+    overrides = parse_config_overrides("tubelet_size=4,pooling=cls,mlp_output_act=null,drop_path_rate=0")
+    assert overrides == {"tubelet_size": 4, "pooling": "cls", "mlp_output_act": None, "drop_path_rate": 0.0}
+    assert parse_config_overrides(None) == {}
+    model_args = parse_args(
+        ["--config_overrides", "hidden_size=32,num_attention_heads=2,tubelet_size=4"]
+    ).model
+    config = build_model(model_args, ["a", "b", "c"], 28).config
+    assert (config.hidden_size, config.tubelet_size, config.num_labels) == (32, [4, 4, 4], 3)
+    assert config.id2label == {0: "a", 1: "b", 2: "c"}
+    with pytest.raises(ValueError, match="layer_norm_eps must be a number"):
+        parse_config_overrides("layer_norm_eps=small")
+    with pytest.raises(ValueError, match="not 'field=value'"):
+        parse_config_overrides("hidden_size")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Augmentation: a function of (seed, epoch, index) only
+# --------------------------------------------------------------------------------------------------------------
+
+AUGMENT = {"flip_axes": (0, 1, 2), "max_shift": 3, "intensity_scale": 0.2, "intensity_shift": 0.1}
+
+
+def volumes(n=6, size=8) -> list[dict]:
+    rng = np.random.default_rng(0)
+    return [
+        {"pixel_values": rng.integers(0, 256, (size,) * 3, dtype=np.uint8), "label": i % 2} for i in range(n)
+    ]
+
+
+def test_augmentation_is_seeded_by_seed_epoch_and_index():
+    rows = volumes()
+    dataset = AugmentedDataset(rows, seed=1, **AUGMENT)
+    dataset.set_epoch(3)
+    first = [dataset[i]["pixel_values"] for i in range(len(rows))]
+    np.random.seed(123)
+    torch.manual_seed(123)  # the global RNGs play no part
+    again = [dataset[i]["pixel_values"] for i in reversed(range(len(rows)))][::-1]  # nor does the order
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert all(v.dtype == np.uint8 and v.shape == (8, 8, 8) for v in first)
+    assert not all(np.array_equal(v, row["pixel_values"]) for v, row in zip(first, rows))  # it augments
+
+    dataset.set_epoch(4)
+    assert not all(np.array_equal(a, dataset[i]["pixel_values"]) for i, a in enumerate(first))  # new epoch
+    other_seed = AugmentedDataset(rows, seed=2, **AUGMENT)
+    other_seed.set_epoch(3)
+    assert not all(np.array_equal(a, other_seed[i]["pixel_values"]) for i, a in enumerate(first))
+    assert dataset[0]["label"] == rows[0]["label"]
+
+
+def test_epoch_callback_sets_the_epoch_that_starts():
+    dataset = AugmentedDataset(volumes(), seed=0)
+    callback = EpochCallback(dataset)
+    for state_epoch, expected in ((0.0, 0), (1.0, 1), (1.5, 1), (2.999, 2)):  # 1.5: resumed mid-epoch
+        callback.on_epoch_begin(None, TrainerState(epoch=state_epoch), None)
+        assert dataset.epoch == expected
+
+
+def test_augmentations_individually():
+    volume = np.arange(4 * 5 * 6, dtype=np.uint8).reshape(4, 5, 6)
+    rng = np.random.default_rng(0)
+    assert np.array_equal(augment_volume(volume, rng), volume)  # all off: unchanged
+    seen = set()
+    for seed in range(20):  # flips only along the allowed axis
+        out = augment_volume(volume, np.random.default_rng(seed), flip_axes=(1,))
+        assert np.array_equal(out, volume) or np.array_equal(out, volume[:, ::-1])
+        seen.add(np.array_equal(out, volume))
+    assert seen == {True, False}
+    for seed in range(20):  # a zero-filled integer shift of at most 2 voxels per axis
+        out = augment_volume(volume, np.random.default_rng(seed), max_shift=2)
+        shifts = [
+            (a, b, c) for a in range(-2, 3) for b in range(-2, 3) for c in range(-2, 3)
+            if np.array_equal(out, shifted(volume, (a, b, c)))
+        ]  # fmt: skip
+        assert shifts, "not a zero-filled shift"
+    out = augment_volume(np.full((4, 4, 4), 250, np.uint8), rng, intensity_scale=0.5, intensity_shift=0.5)
+    assert (
+        out.dtype == np.uint8 and len(np.unique(out)) == 1
+    )  # one scale/offset per volume, clipped to 0..255
+
+
+def shifted(volume: np.ndarray, shift: tuple[int, int, int]) -> np.ndarray:
+    out = np.zeros_like(volume)
+    src = tuple(slice(max(0, -s), n - max(0, s)) for s, n in zip(shift, volume.shape))
+    dst = tuple(slice(max(0, s), n - max(0, -s)) for s, n in zip(shift, volume.shape))
+    out[dst] = volume[src]
+    return out
