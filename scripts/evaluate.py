@@ -36,6 +36,7 @@ from transformers import (
 import vivit_medmnist  # noqa: F401 -- registers the model with the Auto classes
 from vivit_medmnist.data import MedMNIST3DCollator, load_medmnist3d
 from vivit_medmnist.metrics import compute_metrics
+from vivit_medmnist.publishing import check_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -70,16 +71,6 @@ class EvaluateArguments:
 
 def fail(message: str) -> None:
     sys.exit(f"error: {message}")
-
-
-def check_model_path(name: str) -> str | None:
-    """An error message when `name` is neither an existing model folder nor shaped like a Hub id ORG/NAME."""
-    path = Path(name).expanduser()
-    if path.exists():
-        return None if path.is_dir() else f"{name} is a file; expected a model folder or a Hub id ORG/NAME"
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
-        return f"{name}: no such model folder (and not a Hub id ORG/NAME)"
-    return None
 
 
 def load_model(args: EvaluateArguments):

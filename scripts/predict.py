@@ -25,6 +25,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModelForVideoClassification
 
 import vivit_medmnist  # noqa: F401 -- registers the model with the Auto classes
+from vivit_medmnist.publishing import check_model_path
 
 
 class InputError(ValueError):
@@ -112,16 +113,6 @@ def as_batch(array: np.ndarray, volume_size: list[int], where: str) -> np.ndarra
             f"in [{np.nanmin(batch)}, {np.nanmax(batch)}]; pass uint8 volumes (0..255) instead"
         )
     return batch
-
-
-def check_model_path(name: str) -> str | None:
-    """An error message when `name` is neither an existing model folder nor shaped like a Hub id ORG/NAME."""
-    path = Path(name).expanduser()
-    if path.exists():
-        return None if path.is_dir() else f"{name} is a file; expected a model folder or a Hub id ORG/NAME"
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
-        return f"{name}: no such model folder (and not a Hub id ORG/NAME)"
-    return None
 
 
 @torch.no_grad()

@@ -44,6 +44,7 @@ __all__ = [
     "FolderCheck",
     "build_model_card",
     "check_folder",
+    "check_model_path",
     "find_pickled_files",
     "load_without_package",
     "plot_confusion_matrix",
@@ -112,6 +113,16 @@ VIVIT_CITATION = """\
 # --------------------------------------------------------------------------------------------------------------
 # What is published
 # --------------------------------------------------------------------------------------------------------------
+
+
+def check_model_path(name: str) -> str | None:
+    """An error message when `name` is neither an existing model folder nor shaped like a Hub id ORG/NAME."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return None if path.is_dir() else f"{name} is a file; expected a model folder or a Hub id ORG/NAME"
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        return f"{name}: no such model folder (and not a Hub id ORG/NAME)"
+    return None
 
 
 def publishable_files(folder: str | os.PathLike) -> list[str]:
