@@ -221,18 +221,42 @@ def test_return_dict_false_gives_a_tuple():
 # ---------------------------------------------------------------- attention implementations
 
 
-def test_eager_and_sdpa_agree():
+@pytest.mark.parametrize(
+    ("overrides", "eager_max_tokens"),
+    [
+        ({}, 0),  # the reference's 27 tokens, with the CPU short-sequence shortcut to eager switched off
+        ({"tubelet_size": 7}, None),  # 64 tokens: SDPA's own kernel, shortcut as shipped
+    ],
+    ids=["27-tokens-forced-sdpa", "64-tokens"],
+)
+def test_eager_and_sdpa_agree(monkeypatch, overrides, eager_max_tokens):
+    import vivit_medmnist.modeling_vivit_medmnist as modeling
+
+    if eager_max_tokens is not None:
+        monkeypatch.setattr(modeling, "CPU_EAGER_MAX_TOKENS", eager_max_tokens)
+    # count the calls of torch's kernel, so that the test proves SDPA really ran (on CPU, short sequences and
+    # training with dropout are routed to the eager path: see CPU_EAGER_MAX_TOKENS)
+    calls = []
+    sdpa_kernel = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(1)
+        return sdpa_kernel(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
     torch.manual_seed(0)
-    config = VivitMedmnistConfig(num_labels=11, num_hidden_layers=2)
+    config = VivitMedmnistConfig(num_labels=11, num_hidden_layers=2, **overrides)
     model = VivitMedmnistForVideoClassification(config).eval()
     pixel_values = torch.rand(3, 28, 1, 28, 28)
     model.set_attn_implementation("eager")
     with torch.no_grad():
         eager = model(pixel_values).logits
+    assert not calls
     model.set_attn_implementation("sdpa")
     assert model.config._attn_implementation == "sdpa"
     with torch.no_grad():
         sdpa = model(pixel_values).logits
+    assert len(calls) == config.num_hidden_layers
     torch.testing.assert_close(eager, sdpa, rtol=1e-4, atol=1e-5)
 
 
