@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_speed_benchmark_tiny(repo_root, tmp_path):
     out = tmp_path / "speed.json"
@@ -57,3 +59,49 @@ def test_reference_run_dry_run(repo_root, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "recipes/keras_reference.yaml" in done.stdout and "adrenalmnist3d" in done.stdout
+
+
+def run_accuracy(repo_root, *args):
+    return subprocess.run(
+        [sys.executable, str(repo_root / "benchmarks" / "accuracy.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+        cwd=repo_root,
+    )
+
+
+def test_accuracy_benchmark_tiny(repo_root, shared_data_dir, tmp_path):
+    """Two tiny seeds trained at once through train.py; the summary is the mean/std of their own results, and a
+    second call trains nothing."""
+    root = tmp_path / "acc"
+    tiny = [
+        "--",
+        "--num_train_epochs", 1, "--max_train_samples", 32, "--max_eval_samples", 32, "--max_test_samples", 32,
+        "--config_overrides", "hidden_size=16,num_hidden_layers=1,num_attention_heads=2,intermediate_size=32",
+        "--save_strategy", "no", "--eval_strategy", "no", "--load_best_model_at_end", "false",
+    ]  # fmt: skip
+    recipe = repo_root / "recipes" / "adrenalmnist3d.yaml"
+    args = ["--recipe", recipe, "--output_root", root, "--seeds", 3, 4, "--data_dir", shared_data_dir]
+    done = run_accuracy(repo_root, *args, "--jobs", 2, "--json", tmp_path / "acc.json", *tiny)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "acc.json").read_text())
+    assert list(report["runs"]) == ["seed_3", "seed_4"]
+    for key in ("eval_accuracy", "eval_auc", "test_accuracy", "test_auc"):
+        values = [
+            json.loads((root / seed / "all_results.json").read_text())[key] for seed in ("seed_3", "seed_4")
+        ]
+        assert report["summary"][key]["mean"] == pytest.approx(sum(values) / 2)
+        assert report["summary"][key]["std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+    assert "mean ± std (2)" in done.stdout
+
+    again = run_accuracy(repo_root, *args, *tiny)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("not training again") == 2
+
+
+def test_accuracy_benchmark_without_runs_says_what_it_expected(repo_root, tmp_path):
+    done = run_accuracy(repo_root, "--output_root", tmp_path, "--summarize_only")
+    assert done.returncode != 0
+    assert "expected seed_*/all_results.json" in done.stderr

@@ -294,6 +294,70 @@ def test_drop_path_rates():
     assert not torch.allclose(model(pixel_values).pooler_output, model(pixel_values).pooler_output)
 
 
+# ---------------------------------------------------------------- ViViT Model 2: factorised encoder
+
+
+def test_factorised_encoder_is_spatial_blocks_per_slab_then_temporal_blocks():
+    """Recompute Model 2 by hand from the joint model's pieces: spatial blocks on each temporal slab alone, mean,
+    temporal position embeddings, temporal blocks, final LayerNorm, mean."""
+    config = tiny_config(
+        volume_size=[12, 8, 8], encoder_type="factorised_encoder", num_hidden_layers=2, num_temporal_layers=1
+    )
+    model = VivitMedmnistModel(config).eval()
+    assert config.grid_size == [3, 2, 2]
+    pixel_values = volumes_for(config, batch_size=2)
+    encoder = model.encoder
+    with torch.no_grad():
+        tokens = model.embeddings(pixel_values)  # (2, 12, hidden), (d, h, w) order
+        frames = []
+        for t in range(3):
+            slab = tokens[:, 4 * t : 4 * (t + 1)]
+            for layer in encoder.spatial.layers:
+                slab = layer(slab)
+            frames.append(encoder.spatial_layernorm(slab).mean(dim=1))
+        hidden = torch.stack(frames, dim=1) + encoder.temporal_position_embeddings
+        for layer in encoder.temporal.layers:
+            hidden = layer(hidden)
+        expected = model.layernorm(hidden).mean(dim=1)
+        outputs = model(pixel_values, output_hidden_states=True)
+    torch.testing.assert_close(outputs.pooler_output, expected)
+    assert outputs.last_hidden_state.shape == (2, 3, config.hidden_size)
+    assert len(outputs.hidden_states) == 2 + 1 + 1  # input of the first block, 2 spatial, 1 temporal
+
+
+def test_factorised_encoder_parameters_gradients_and_drop_path():
+    joint = VivitMedmnistForVideoClassification(tiny_config())
+    config = tiny_config(encoder_type="factorised_encoder", num_temporal_layers=2, drop_path_rate=0.3)
+    model = VivitMedmnistForVideoClassification(config)
+    layer_params = sum(p.numel() for p in joint.vivit.encoder.layers[0].parameters())
+    hidden, frames = config.hidden_size, config.grid_size[0]
+    # + 2 temporal blocks + the spatial LayerNorm + temporal position embeddings
+    assert model.num_parameters() == joint.num_parameters() + 2 * layer_params + 2 * hidden + frames * hidden
+    rates = [
+        getattr(layer.drop_path, "drop_prob", 0.0)
+        for stack in (model.vivit.encoder.spatial, model.vivit.encoder.temporal)
+        for layer in stack.layers
+    ]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])  # one linear ramp over spatial then temporal blocks
+    pixel_values = volumes_for(config, batch_size=3)
+    model(pixel_values, labels=torch.tensor([0, 1, 2])).loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+    limit = model.vivit.encoder.temporal_position_embeddings.abs().max().item()
+    assert 0 < limit <= 0.05  # keras initialisation, like the joint position embeddings
+
+
+def test_factorised_encoder_save_and_load(tmp_path):
+    config = tiny_config(encoder_type="factorised_encoder", num_temporal_layers=1)
+    model = VivitMedmnistForVideoClassification(config).eval()
+    model.save_pretrained(tmp_path)
+    loaded = VivitMedmnistForVideoClassification.from_pretrained(tmp_path).eval()
+    assert loaded.config.encoder_type == "factorised_encoder" and loaded.config.num_temporal_layers == 1
+    pixel_values = volumes_for(config)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values).logits, model(pixel_values).logits)
+
+
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_gradient_checkpointing_gives_the_same_gradients(attn_implementation):
     # dropout and stochastic depth on: checkpointing must replay the same random masks
@@ -379,6 +443,9 @@ def test_float64_pixel_values_are_cast():
         ({"mlp_output_act": "nope"}, "mlp_output_act must be a key"),
         ({"layer_norm_eps": 0.0}, "layer_norm_eps must be > 0"),
         ({"num_labels": 0}, "num_labels must be >= 1"),
+        ({"encoder_type": "divided"}, "encoder_type must be one of"),
+        ({"encoder_type": "factorised_encoder", "pooling": "cls"}, 'needs pooling="mean"'),
+        ({"num_temporal_layers": 0}, "num_temporal_layers must be a positive int"),
     ],
 )
 def test_bad_config_raises_value_error_at_construction(overrides, pattern):

@@ -14,6 +14,7 @@ from transformers.configuration_utils import PreTrainedConfig
 POOLING_TYPES = ("mean", "cls")
 PADDING_TYPES = ("valid", "same")
 INITIALIZATIONS = ("keras", "normal")
+ENCODER_TYPES = ("joint", "factorised_encoder")
 
 
 @strict
@@ -49,7 +50,16 @@ class VivitMedmnistConfig(PreTrainedConfig):
         hidden_size (`int`, *optional*, defaults to 128):
             The width of the tokens (the Conv3d filters, the Keras `embed_dim`).
         num_hidden_layers (`int`, *optional*, defaults to 8):
-            The number of Transformer blocks.
+            The number of Transformer blocks (with `encoder_type="factorised_encoder"`: of spatial blocks).
+        encoder_type (`str`, *optional*, defaults to `"joint"`):
+            The ViViT variant. `"joint"` is the paper's Model 1 ("spatio-temporal attention", the reference): every
+            block attends over all tubelet tokens. `"factorised_encoder"` is Model 2: `num_hidden_layers` spatial
+            blocks attend within each temporal index (the `grid_size[1] * grid_size[2]` tubelets of one slab of
+            frames, all slabs in parallel), each slab's tokens are layer-normed and averaged into one token,
+            learned temporal position embeddings are added, and `num_temporal_layers` temporal blocks attend over
+            those `grid_size[0]` tokens. It needs `pooling="mean"`.
+        num_temporal_layers (`int`, *optional*, defaults to 4):
+            The number of temporal blocks of `encoder_type="factorised_encoder"` (unused by `"joint"`).
         num_attention_heads (`int`, *optional*, defaults to 8):
             The number of attention heads; `hidden_size` must be divisible by it (head dim 128 / 8 = 16, the Keras
             `key_dim`).
@@ -68,7 +78,8 @@ class VivitMedmnistConfig(PreTrainedConfig):
             The dropout probability of the attention weights (Keras `MultiHeadAttention(dropout=0.1)`).
         drop_path_rate (`float`, *optional*, defaults to 0.0):
             The stochastic-depth rate of the last block; block `i` of `L` drops its residual branches with
-            probability `drop_path_rate * i / (L - 1)` during training (the reference has none).
+            probability `drop_path_rate * i / (L - 1)` during training (the reference has none). With
+            `encoder_type="factorised_encoder"` the spatial then temporal blocks count as one stack of `L`.
         layer_norm_eps (`float`, *optional*, defaults to 1e-06):
             The epsilon of every LayerNorm (the blocks' and the final one).
         qkv_bias (`bool`, *optional*, defaults to `True`):
@@ -116,6 +127,8 @@ class VivitMedmnistConfig(PreTrainedConfig):
     padding: str = "valid"
     hidden_size: int = 128
     num_hidden_layers: int = 8
+    encoder_type: str = "joint"
+    num_temporal_layers: int = 4
     num_attention_heads: int = 8
     intermediate_size: int = 512
     hidden_act: str = "gelu_pytorch_tanh"
@@ -139,6 +152,7 @@ class VivitMedmnistConfig(PreTrainedConfig):
             "num_channels",
             "hidden_size",
             "num_hidden_layers",
+            "num_temporal_layers",
             "num_attention_heads",
             "intermediate_size",
         ):
@@ -171,6 +185,13 @@ class VivitMedmnistConfig(PreTrainedConfig):
             raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
         if self.pooling not in POOLING_TYPES:
             raise ValueError(f"pooling must be one of {POOLING_TYPES}, got {self.pooling!r}")
+        if self.encoder_type not in ENCODER_TYPES:
+            raise ValueError(f"encoder_type must be one of {ENCODER_TYPES}, got {self.encoder_type!r}")
+        if self.encoder_type == "factorised_encoder" and self.pooling != "mean":
+            raise ValueError(
+                f'encoder_type="factorised_encoder" pools each temporal index by its mean and needs pooling="mean", '
+                f"got pooling={self.pooling!r}"
+            )
         if self.initialization not in INITIALIZATIONS:
             raise ValueError(f"initialization must be one of {INITIALIZATIONS}, got {self.initialization!r}")
         if not self.initializer_range > 0:

@@ -291,13 +291,20 @@ class VivitMedmnistLayer(GradientCheckpointingLayer):
         return hidden_states + self.drop_path(self.dropout(mlp_output))
 
 
-class VivitMedmnistEncoder(nn.Module):
-    """The stack of blocks; the stochastic-depth rate grows linearly from 0 to `drop_path_rate`."""
+def _drop_path_rates(config: VivitMedmnistConfig) -> list[float]:
+    """Stochastic-depth rate of every block, growing linearly from 0 to `drop_path_rate` over the whole depth."""
+    num_layers = config.num_hidden_layers
+    if config.encoder_type == "factorised_encoder":
+        num_layers += config.num_temporal_layers
+    return [config.drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]
 
-    def __init__(self, config: VivitMedmnistConfig):
+
+class VivitMedmnistEncoder(nn.Module):
+    """A stack of blocks (all of the joint encoder's, by default)."""
+
+    def __init__(self, config: VivitMedmnistConfig, drop_path_rates: list[float] | None = None):
         super().__init__()
-        num_layers = config.num_hidden_layers
-        rates = [config.drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]
+        rates = _drop_path_rates(config) if drop_path_rates is None else drop_path_rates
         self.layers = nn.ModuleList([VivitMedmnistLayer(config, rate) for rate in rates])
 
     def forward(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
@@ -305,6 +312,35 @@ class VivitMedmnistEncoder(nn.Module):
             # positional hidden_states: required by reentrant gradient checkpointing
             hidden_states = layer(hidden_states, **kwargs)
         return hidden_states
+
+
+class VivitMedmnistFactorisedEncoder(nn.Module):
+    """ViViT Model 2 ("factorised encoder"): spatial blocks within each temporal index, then temporal blocks.
+
+    The tubelet tokens come in (d, h, w) order, so the tokens of temporal index t are the contiguous run
+    `[t * S, (t + 1) * S)` with S = grid_h * grid_w: a reshape to (batch * T, S, hidden) runs the spatial encoder
+    on all slabs at once. Each slab is then layer-normed and averaged into one token (the paper uses a per-frame
+    CLS token; the mean matches this package's default pooling), and temporal position embeddings tell the
+    temporal encoder the order of the slabs.
+    """
+
+    def __init__(self, config: VivitMedmnistConfig):
+        super().__init__()
+        rates = _drop_path_rates(config)
+        self.num_frames = config.grid_size[0]
+        self.spatial = VivitMedmnistEncoder(config, rates[: config.num_hidden_layers])
+        self.spatial_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.temporal_position_embeddings = nn.Parameter(torch.zeros(1, self.num_frames, config.hidden_size))
+        self.temporal = VivitMedmnistEncoder(config, rates[config.num_hidden_layers :])
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
+        batch_size, num_tokens, hidden_size = hidden_states.shape
+        slabs = hidden_states.reshape(
+            batch_size * self.num_frames, num_tokens // self.num_frames, hidden_size
+        )
+        slabs = self.spatial_layernorm(self.spatial(slabs, **kwargs))
+        frames = slabs.mean(dim=1).view(batch_size, self.num_frames, hidden_size)
+        return self.temporal(frames + self.temporal_position_embeddings, **kwargs)
 
 
 class VivitMedmnistPreTrainedModel(PreTrainedModel):
@@ -338,6 +374,8 @@ class VivitMedmnistPreTrainedModel(PreTrainedModel):
                 init.normal_(module.position_embeddings, mean=0.0, std=config.initializer_range)
                 if module.cls_token is not None:
                     init.normal_(module.cls_token, mean=0.0, std=config.initializer_range)
+            elif isinstance(module, VivitMedmnistFactorisedEncoder):
+                init.normal_(module.temporal_position_embeddings, mean=0.0, std=config.initializer_range)
             return
 
         if isinstance(module, (nn.Linear, nn.Conv3d)):
@@ -357,6 +395,8 @@ class VivitMedmnistPreTrainedModel(PreTrainedModel):
             init.uniform_(module.position_embeddings, -0.05, 0.05)  # keras.layers.Embedding's default
             if module.cls_token is not None:
                 init.uniform_(module.cls_token, -0.05, 0.05)
+        elif isinstance(module, VivitMedmnistFactorisedEncoder):
+            init.uniform_(module.temporal_position_embeddings, -0.05, 0.05)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # `register_for_auto_class` makes `save_pretrained` write only the saving class's own entry (plus
@@ -374,13 +414,20 @@ class VivitMedmnistPreTrainedModel(PreTrainedModel):
 
 
 class VivitMedmnistModel(VivitMedmnistPreTrainedModel):
-    """The bare encoder: embeddings -> blocks -> final LayerNorm -> pooled output (token mean or CLS state)."""
+    """The bare encoder: embeddings -> blocks -> final LayerNorm -> pooled output (token mean or CLS state).
+
+    With `encoder_type="factorised_encoder"` the blocks are `VivitMedmnistFactorisedEncoder`'s and
+    `last_hidden_state` holds one token per temporal index.
+    """
 
     def __init__(self, config: VivitMedmnistConfig):
         super().__init__(config)
         self.config = config
         self.embeddings = VivitMedmnistEmbeddings(config)
-        self.encoder = VivitMedmnistEncoder(config)
+        if config.encoder_type == "factorised_encoder":
+            self.encoder = VivitMedmnistFactorisedEncoder(config)
+        else:
+            self.encoder = VivitMedmnistEncoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
@@ -396,7 +443,8 @@ class VivitMedmnistModel(VivitMedmnistPreTrainedModel):
             The volumes, e.g. from [`VivitMedmnistImageProcessor`] (uint8 / 255).
 
         `output_hidden_states=True` returns the embeddings and the output of every block (before the final
-        LayerNorm), `num_hidden_layers + 1` tensors; `output_attentions=True` returns each block's attention
+        LayerNorm), `num_hidden_layers + 1` tensors (with `encoder_type="factorised_encoder"`, then also the
+        temporal blocks' outputs; the spatial ones have shape `(batch * grid_size[0], tokens per slab, hidden)`); `output_attentions=True` returns each block's attention
         weights and needs `attn_implementation="eager"` (like every transformers model, SDPA computes no weights:
         it warns and returns none).
         """
