@@ -300,12 +300,11 @@ def _drop_path_rates(config: VivitMedmnistConfig) -> list[float]:
 
 
 class VivitMedmnistEncoder(nn.Module):
-    """A stack of blocks (all of the joint encoder's, by default)."""
+    """A stack of blocks, one per stochastic-depth rate (see `_drop_path_rates`)."""
 
-    def __init__(self, config: VivitMedmnistConfig, drop_path_rates: list[float] | None = None):
+    def __init__(self, config: VivitMedmnistConfig, drop_path_rates: list[float]):
         super().__init__()
-        rates = _drop_path_rates(config) if drop_path_rates is None else drop_path_rates
-        self.layers = nn.ModuleList([VivitMedmnistLayer(config, rate) for rate in rates])
+        self.layers = nn.ModuleList([VivitMedmnistLayer(config, rate) for rate in drop_path_rates])
 
     def forward(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
         for layer in self.layers:
@@ -427,7 +426,7 @@ class VivitMedmnistModel(VivitMedmnistPreTrainedModel):
         if config.encoder_type == "factorised_encoder":
             self.encoder = VivitMedmnistFactorisedEncoder(config)
         else:
-            self.encoder = VivitMedmnistEncoder(config)
+            self.encoder = VivitMedmnistEncoder(config, _drop_path_rates(config))
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
