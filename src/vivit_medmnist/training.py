@@ -36,6 +36,8 @@ import torch
 import transformers
 import yaml
 from huggingface_hub.errors import StrictDataclassError
+from scipy import ndimage
+from scipy.spatial.transform import Rotation
 from transformers import (
     AutoImageProcessor,
     AutoModelForVideoClassification,
@@ -107,6 +109,20 @@ class DataArguments:
             "help": "Volume axes (0=D, 1=H, 2=W) each flipped with probability 1/2; give no value for none."
         },
     )
+    max_rotation: float = field(
+        default=0.0,
+        metadata={
+            "help": "Rotate volumes about their centre by up to N degrees about each axis (zero fill)."
+        },
+    )
+    rotation_interpolation: str = field(
+        default="linear",
+        metadata={
+            "help": "How rotated volumes are resampled: linear (intensities, e.g. CT) or nearest (keeps binary "
+            "masks binary).",
+            "choices": ["linear", "nearest"],
+        },
+    )
     max_shift: int = field(
         default=0, metadata={"help": "Shift volumes by up to N voxels per axis (zero fill)."}
     )
@@ -121,6 +137,8 @@ class DataArguments:
         """The keyword arguments of `augment_volume`."""
         return {
             "flip_axes": tuple(self.flip_axes),
+            "max_rotation": self.max_rotation,
+            "rotation_interpolation": self.rotation_interpolation,
             "max_shift": self.max_shift,
             "intensity_scale": self.intensity_scale,
             "intensity_shift": self.intensity_shift,
@@ -345,15 +363,21 @@ def augment_volume(
     rng: np.random.Generator,
     *,
     flip_axes: Sequence[int] = (),
+    max_rotation: float = 0.0,
+    rotation_interpolation: str = "linear",
     max_shift: int = 0,
     intensity_scale: float = 0.0,
     intensity_shift: float = 0.0,
 ) -> np.ndarray:
-    """A randomly flipped, shifted and intensity-jittered copy of a uint8 volume (D, H, W), drawn from `rng`."""
+    """A randomly flipped, rotated, shifted and intensity-jittered copy of a uint8 volume (D, H, W), drawn from
+    `rng`. Each step draws from `rng` only when it is on, so turning one on leaves the others' draws unchanged."""
     out = volume
     for axis in flip_axes:
         if rng.random() < 0.5:
             out = np.flip(out, axis=axis)
+    if max_rotation > 0:
+        angles = rng.uniform(-max_rotation, max_rotation, size=3)
+        out = rotate_volume(out, angles, rotation_interpolation)
     if max_shift > 0:
         shifts = rng.integers(-max_shift, max_shift + 1, size=3)
         padded = np.pad(out, max_shift)  # zero fill: nothing wraps around to the opposite side
@@ -364,6 +388,33 @@ def augment_volume(
         offset = rng.uniform(-intensity_shift, intensity_shift) * 255
         out = np.clip(np.rint(out.astype(np.float32) * scale + offset), 0, 255)
     return np.ascontiguousarray(out, dtype=np.uint8)
+
+
+def rotate_volume(volume: np.ndarray, angles: Sequence[float], interpolation: str = "linear") -> np.ndarray:
+    """`volume` (D, H, W) rotated about its centre by `angles` degrees about the D, H and W axes in turn, with
+    voxels from outside the volume set to 0."""
+    if interpolation not in _INTERPOLATION_ORDER:
+        raise ValueError(
+            f"rotation_interpolation must be one of {sorted(_INTERPOLATION_ORDER)}, got {interpolation!r}"
+        )
+    rotation = Rotation.from_euler("xyz", angles, degrees=True).as_matrix()
+    centre = (np.asarray(volume.shape) - 1) / 2
+    # affine_transform maps each output voxel o to the input point rotation @ o + offset: keep the centre fixed.
+    out = ndimage.affine_transform(
+        volume.astype(np.float32),
+        rotation,
+        offset=centre - rotation @ centre,
+        order=_INTERPOLATION_ORDER[interpolation],
+        mode="grid-constant",  # zero beyond the edges, and edge voxels are interpolated like any other
+        cval=0.0,
+    )
+    if np.issubdtype(volume.dtype, np.integer):  # round, not truncate, back to the input's type
+        info = np.iinfo(volume.dtype)
+        out = np.clip(np.rint(out), info.min, info.max)
+    return out.astype(volume.dtype)
+
+
+_INTERPOLATION_ORDER = {"nearest": 0, "linear": 1}
 
 
 class AugmentedDataset(torch.utils.data.Dataset):
@@ -485,6 +536,8 @@ def training_summary(
     """The training set-up, flat, for the model card."""
     args = run.training
     augmentation = {k: v for k, v in run.data.augmentation().items() if v}
+    if not run.data.max_rotation:
+        augmentation.pop("rotation_interpolation")
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     return {
         "recipe": Path(run.recipe).name if run.recipe else "none (command-line options)",
@@ -502,6 +555,7 @@ def training_summary(
         "weight decay": args.weight_decay,
         "lr schedule": f"{args.lr_scheduler_type}, warmup {args.warmup_steps}",
         "gradient clipping": args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else "none",
+        "label smoothing": args.label_smoothing_factor or "none",
         "augmentation": ", ".join(f"{k}={v}" for k, v in augmentation.items()) or "none",
         "model selection": (
             f"best validation {args.metric_for_best_model}" if args.load_best_model_at_end else "last epoch"
