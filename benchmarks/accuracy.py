@@ -45,14 +45,21 @@ def train_command(args, seed: int, output_dir: Path) -> list[str]:
     return command
 
 
+def say(line: str) -> None:
+    """One whole line at once: print() writes the text and its newline separately, so lines from seeds trained
+    in parallel threads can run together."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def train_seed(args, seed: int, threads: int) -> float:
     """Train one seed (unless its results exist); return the wall time in seconds (0 when skipped)."""
     output_dir = Path(args.output_root) / f"seed_{seed}"
     if (output_dir / "all_results.json").is_file():
-        print(f"seed {seed}: {output_dir}/all_results.json exists, not training again", flush=True)
+        say(f"seed {seed}: {output_dir}/all_results.json exists, not training again")
         return 0.0
     command = train_command(args, seed, output_dir)
-    print(f"seed {seed}: {shlex.join(command)}", flush=True)
+    say(f"seed {seed}: {shlex.join(command)}")
     log_file = Path(args.output_root) / f"seed_{seed}.log"  # beside, not in, the publishable folder
     log_file.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
