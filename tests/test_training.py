@@ -523,10 +523,8 @@ def test_augmentations_individually():
 
 def test_rotation():
     volume = np.random.default_rng(0).integers(0, 256, size=(6, 6, 6), dtype=np.uint8)
-    for interpolation in (
-        "nearest",
-        "linear",
-    ):  # quarter turns about the centre are exact permutations of voxels
+    # quarter turns about the centre are exact permutations of voxels
+    for interpolation in ("nearest", "linear"):
         assert np.array_equal(rotate_volume(volume, (90, 0, 0), interpolation), np.rot90(volume, -1, (1, 2)))
         assert np.array_equal(rotate_volume(volume, (0, 90, 0), interpolation), np.rot90(volume, 1, (0, 2)))
         assert np.array_equal(rotate_volume(volume, (0, 0, -90), interpolation), np.rot90(volume, 1, (0, 1)))
@@ -557,7 +555,7 @@ def test_rotation_in_augmentation():
     # bounded: no draw of at most 15 degrees per axis comes close to a quarter turn
     quarter = rotate_volume(volume, (0, 0, 90), "nearest")
     assert all((out != quarter).sum() > (out != volume).sum() for out in outs)
-    # switching rotation on leaves the flip and shift draws of the other steps as they were
+    # rotation draws after the flips: switching it on leaves the flip draws as they were
     rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
     plain = augment_volume(volume, rng_a, flip_axes=(2,))
     rotated = augment_volume(volume, rng_b, flip_axes=(2,), max_rotation=1e-6)

@@ -370,7 +370,8 @@ def augment_volume(
     intensity_shift: float = 0.0,
 ) -> np.ndarray:
     """A randomly flipped, rotated, shifted and intensity-jittered copy of a uint8 volume (D, H, W), drawn from
-    `rng`. Each step draws from `rng` only when it is on, so turning one on leaves the others' draws unchanged."""
+    `rng`. Each step draws from `rng` only when it is on, so a set-up without rotation draws exactly what it drew
+    before rotation existed."""
     out = volume
     for axis in flip_axes:
         if rng.random() < 0.5:
