@@ -391,6 +391,9 @@ def augment_volume(
     return np.ascontiguousarray(out, dtype=np.uint8)
 
 
+_INTERPOLATION_ORDER = {"nearest": 0, "linear": 1}  # scipy.ndimage spline orders
+
+
 def rotate_volume(volume: np.ndarray, angles: Sequence[float], interpolation: str = "linear") -> np.ndarray:
     """`volume` (D, H, W) rotated about its centre by `angles` degrees about the D, H and W axes in turn, with
     voxels from outside the volume set to 0."""
@@ -413,9 +416,6 @@ def rotate_volume(volume: np.ndarray, angles: Sequence[float], interpolation: st
         info = np.iinfo(volume.dtype)
         out = np.clip(np.rint(out), info.min, info.max)
     return out.astype(volume.dtype)
-
-
-_INTERPOLATION_ORDER = {"nearest": 0, "linear": 1}
 
 
 class AugmentedDataset(torch.utils.data.Dataset):
