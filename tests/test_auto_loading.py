@@ -136,7 +136,18 @@ def test_base_model_folder_also_names_both_model_classes(tmp_path):
 
 
 def test_copied_code_imports_only_siblings_torch_transformers_numpy():
-    allowed = {"torch", "transformers", "numpy", "huggingface_hub", "math", "typing", "collections"}
+    # the standard library's modules used, and what transformers itself requires (huggingface_hub, safetensors)
+    allowed = {
+        "torch",
+        "transformers",
+        "numpy",
+        "huggingface_hub",
+        "safetensors",
+        "math",
+        "os",
+        "typing",
+        "collections",
+    }
     siblings = {name[:-3] for name in CODE_FILES}
     package = Path(vivit_medmnist.__file__).parent
     for name in CODE_FILES:

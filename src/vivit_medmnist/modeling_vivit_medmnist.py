@@ -9,10 +9,12 @@ sibling `configuration_vivit_medmnist` (a relative import, which the copy machin
 """
 
 import math
+import os
 from collections.abc import Callable
 from typing import ClassVar
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -39,6 +41,10 @@ def check_pixel_values(pixel_values: torch.Tensor, config: VivitMedmnistConfig) 
         )
     shape = tuple(pixel_values.shape)
     if pixel_values.ndim == 5 and shape[1:] == expected:
+        if shape[0] == 0:
+            raise ValueError(
+                f"expected at least one volume, got an empty batch: pixel_values of shape {shape}"
+            )
         if not pixel_values.is_floating_point():
             raise ValueError(
                 f"expected floating-point pixel_values, got dtype {pixel_values.dtype}; uint8 volumes must be "
@@ -342,6 +348,43 @@ class VivitMedmnistFactorisedEncoder(nn.Module):
         return self.temporal(frames + self.temporal_position_embeddings, **kwargs)
 
 
+HEAD_PREFIX = "classifier."
+
+
+def _check_loaded_tensors(model, info: dict, source, new_head_allowed: bool | None) -> None:
+    """Raise an OSError naming every tensor the checkpoint lacked, had in excess or had in another shape, apart
+    from the head cases `VivitMedmnistPreTrainedModel.from_pretrained` allows."""
+    saved_bare = list(getattr(model.config, "architectures", None) or []) == ["VivitMedmnistModel"]
+    has_head = hasattr(model, "classifier")
+    problems = []
+    missing = sorted(info["missing_keys"])
+    if missing and not (
+        has_head and (new_head_allowed or saved_bare) and all(k.startswith(HEAD_PREFIX) for k in missing)
+    ):
+        problems.append(f"missing from the checkpoint: {_names(missing)}")
+    unexpected = sorted(k for k in info["unexpected_keys"] if has_head or not k.startswith(HEAD_PREFIX))
+    if unexpected:
+        problems.append(f"in the checkpoint but not in the model: {_names(unexpected)}")
+    mismatched = sorted(
+        f"{key} (saved {tuple(saved)}, model {tuple(new)})"
+        for key, saved, new in info["mismatched_keys"]
+        if not key.startswith(HEAD_PREFIX)
+    )
+    if mismatched:
+        problems.append(f"of another shape: {_names(mismatched)}")
+    if problems:
+        raise OSError(
+            f"{source}: the saved weights do not match the {type(model).__name__} of its config; "
+            + "; ".join(problems)
+            + ". Nothing was initialised in their place. (A new classification head: ignore_mismatched_sizes=True.)"
+        )
+
+
+def _names(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 class VivitMedmnistPreTrainedModel(PreTrainedModel):
     config: VivitMedmnistConfig
     config_class = VivitMedmnistConfig
@@ -396,6 +439,38 @@ class VivitMedmnistPreTrainedModel(PreTrainedModel):
                 init.uniform_(module.cls_token, -0.05, 0.05)
         elif isinstance(module, VivitMedmnistFactorisedEncoder):
             init.uniform_(module.temporal_position_embeddings, -0.05, 0.05)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, strict: weights are read only from safetensors (never unpickled), and
+        a checkpoint that does not hold exactly the model's tensors is an error naming them, not a model with
+        freshly initialised weights. A new head is allowed only where it is asked for: with
+        `ignore_mismatched_sizes=True` (e.g. another `num_labels`) the classifier may be resized or absent, and a
+        task model may be loaded from a bare `VivitMedmnistModel` checkpoint (its `architectures` says so);
+        loading the bare model from a task checkpoint drops the classifier, as in every transformers model."""
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError(
+                "vivit-medmnist loads weights only from safetensors; use_safetensors=False is refused"
+            )
+        if os.path.isfile(str(pretrained_model_name_or_path)) and not str(
+            pretrained_model_name_or_path
+        ).endswith(".safetensors"):
+            raise OSError(f"{pretrained_model_name_or_path}: expected a model folder or a .safetensors file")
+        return_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path,
+                *model_args,
+                **{**kwargs, "use_safetensors": True, "output_loading_info": True},
+            )
+        except SafetensorError as err:  # truncated or not a safetensors file: name the folder
+            raise OSError(
+                f"{pretrained_model_name_or_path}: model.safetensors is unreadable ({err})"
+            ) from err
+        _check_loaded_tensors(
+            model, info, pretrained_model_name_or_path, kwargs.get("ignore_mismatched_sizes")
+        )
+        return (model, info) if return_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # `register_for_auto_class` makes `save_pretrained` write only the saving class's own entry (plus
