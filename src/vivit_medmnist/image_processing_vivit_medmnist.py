@@ -5,6 +5,7 @@ This file is copied next to the weights by `save_pretrained`, so it imports only
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import numpy as np
@@ -34,11 +35,14 @@ class VivitMedmnistImageProcessor(BaseImageProcessor):
     - a batch that already has a singleton channel axis, channels-last `(N, D, H, W, 1)` (the layout of
       `keras`/`tf` arrays) -> `(N, D, 1, H, W)`.
 
-    dtypes: `uint8` volumes are multiplied by `rescale_factor` (1/255) when `do_rescale` is set; floating volumes
-    are assumed to be already scaled and are only cast to `float32` (a `float32` input is returned without a
-    copy, as a view of the caller's memory, unless `do_normalize` is set). Any other dtype (bool, int16, int64, ...)
-    raises a `ValueError`, because silently guessing the intensity range of, e.g., raw Hounsfield units would be
-    wrong.
+    dtypes: `uint8` volumes, and volumes of another integer type whose values all lie in 0..255 (e.g. the int64
+    of a `datasets` column read without a format), are multiplied by `rescale_factor` (1/255) when `do_rescale` is
+    set; floating volumes must already be scaled to [0, 1] and are only cast to `float32` (a `float32` input is
+    returned without a copy, as a view of the caller's memory, unless `do_normalize` is set). Each volume of a
+    list is converted on its own, so a list may mix dtypes. A floating volume with values outside [0, 1] (or
+    NaN/inf), an integer volume outside 0..255 and any other dtype (bool, complex) raise a `ValueError` naming
+    what came: silently guessing the intensity range of, e.g., raw Hounsfield units would be wrong. With
+    `do_rescale=False` nothing is scaled and floating volumes are passed through unchecked.
 
     Args:
         do_rescale (`bool`, *optional*, defaults to `True`):
@@ -116,24 +120,27 @@ class VivitMedmnistImageProcessor(BaseImageProcessor):
         if return_tensors not in (None, "pt", "np"):
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
 
-        volumes = _as_tensor(images)
-        volumes = _add_channel_axis(volumes)
-        if volumes.dtype == torch.uint8:
-            # the training collator calls this on every batch: one float32 copy, then an in-place scale
-            pixel_values = volumes.to(torch.float32)
-            if do_rescale:
-                pixel_values.mul_(rescale_factor)
-        elif volumes.is_floating_point():
-            pixel_values = volumes.to(torch.float32)
+        def scale(volumes: torch.Tensor) -> torch.Tensor:
+            return _to_float32(volumes, rescale_factor if do_rescale else None)
+
+        if isinstance(images, (list, tuple)) and all(
+            isinstance(i, (np.ndarray, torch.Tensor)) for i in images
+        ):
+            if len(images) == 0:
+                raise ValueError("expected at least one volume, got an empty list")
+            parts = [scale(_as_tensor(image)) for image in images]  # each on its own: dtypes may differ
+            shapes = {tuple(part.shape) for part in parts}
+            if len(shapes) != 1:
+                raise ValueError(
+                    f"all volumes of a batch must have the same shape, got shapes {sorted(shapes)}"
+                )
+            pixel_values = torch.stack(parts)
         else:
-            raise ValueError(
-                f"expected uint8 or floating-point volumes, got dtype {volumes.dtype}; convert integer volumes "
-                "to uint8 (0..255) or to floats scaled as the model was trained"
-            )
+            pixel_values = scale(_as_tensor(images))
+        pixel_values = _add_channel_axis(pixel_values)
         if do_normalize:
-            if pixel_values is volumes:  # float32 input: never modify the caller's tensor in place
-                pixel_values = pixel_values.clone()
-            pixel_values.sub_(image_mean).div_(image_std)
+            # a new tensor: a float32 input comes through `scale` as the caller's own memory
+            pixel_values = (pixel_values - image_mean) / image_std
 
         if return_tensors == "np":
             return BatchFeature(data={"pixel_values": pixel_values.numpy()}, tensor_type="np")
@@ -161,14 +168,37 @@ def _as_tensor(images: Any) -> torch.Tensor:
     if isinstance(images, (list, tuple)):
         if len(images) == 0:
             raise ValueError("expected at least one volume, got an empty list")
-        if not all(isinstance(image, (np.ndarray, torch.Tensor)) for image in images):
-            return _from_numpy(np.asarray(images))  # nested Python lists (their ints become int64: rejected)
-        parts = [_as_tensor(image) for image in images]
-        shapes = {tuple(part.shape) for part in parts}
-        if len(shapes) != 1:
-            raise ValueError(f"all volumes of a batch must have the same shape, got shapes {sorted(shapes)}")
-        return torch.stack(parts)
+        return _from_numpy(np.asarray(images))  # nested Python lists (their ints become int64)
     raise ValueError(f"expected a numpy array, a torch tensor or a list of them, got {type(images).__name__}")
+
+
+def _to_float32(volumes: torch.Tensor, rescale_factor: float | None) -> torch.Tensor:
+    """Integer volumes (values 0..255) times `rescale_factor`, or float volumes checked to lie in [0, 1], as
+    float32; `rescale_factor=None` (no rescaling): cast only."""
+    if volumes.dtype == torch.bool or volumes.is_complex():
+        raise ValueError(
+            f"expected uint8 volumes (0..255) or floats scaled to [0, 1], got dtype {volumes.dtype}"
+        )
+    if rescale_factor is None or volumes.numel() == 0:
+        return volumes.to(torch.float32)
+    if volumes.is_floating_point():
+        low, high = volumes.min().item(), volumes.max().item()
+        if not (0.0 <= low and high <= 1.0):  # NaN fails both comparisons
+            raise ValueError(
+                f"expected float volumes scaled to [0, 1] (or uint8 volumes, 0..255), got values in [{low}, {high}]"
+                + (" (NaN or inf)" if not (math.isfinite(low) and math.isfinite(high)) else "")
+                + "; scale them first (e.g. uint8 / 255), or pass do_rescale=False if the model expects them as is"
+            )
+        return volumes.to(torch.float32)
+    if volumes.dtype != torch.uint8:
+        low, high = volumes.min().item(), volumes.max().item()
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"expected uint8 volumes (0..255) or floats scaled to [0, 1], got {volumes.dtype} values in "
+                f"[{low}, {high}]; window and scale them to 0..255 (MedMNIST stores uint8) first"
+            )
+    # the training collator calls this on every batch: one float32 copy, then an in-place scale
+    return volumes.to(torch.float32).mul_(rescale_factor)
 
 
 def _from_numpy(array: np.ndarray) -> torch.Tensor:
