@@ -21,7 +21,6 @@ import logging
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -34,9 +33,10 @@ from transformers import (
 )
 
 import vivit_medmnist  # noqa: F401 -- registers the model with the Auto classes
-from vivit_medmnist.data import MedMNIST3DCollator, load_medmnist3d
+from vivit_medmnist.data import MedMNIST3DCollator, load_medmnist3d, resolve_data_dir, resolve_dataset
 from vivit_medmnist.metrics import compute_metrics
 from vivit_medmnist.publishing import check_model_path
+from vivit_medmnist.safe_io import check_new_output, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,13 @@ class EvaluateArguments:
         default="test",
         metadata={"help": "The split to evaluate; sets the metric prefix (test_, eval_, train_)."},
     )
-    output_file: str | None = field(default=None, metadata={"help": "Where to write the metrics as JSON."})
+    output_file: str | None = field(
+        default=None,
+        metadata={"help": "Where to write the metrics as JSON (a new file, unless overwriting)."},
+    )
+    overwrite_output_file: bool = field(
+        default=False, metadata={"help": "Allow --output_file to replace an existing file."}
+    )
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Batch size per device."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data-loading worker processes."})
     revision: str = field(
@@ -133,17 +139,48 @@ def evaluate(args: EvaluateArguments) -> dict[str, float]:
     return metrics
 
 
+def parse_args(argv: list[str] | None = None) -> EvaluateArguments:
+    parser = HfArgumentParser(EvaluateArguments)
+    args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.per_device_eval_batch_size < 1:
+        parser.error(f"--per_device_eval_batch_size must be >= 1, got {args.per_device_eval_batch_size}")
+    return args
+
+
+def check_output_file(args: EvaluateArguments) -> None:
+    """Before any work: --output_file is new (or --overwrite_output_file), and neither the model nor the data."""
+    try:
+        data_file = resolve_data_dir(args.data_dir) / resolve_dataset(args.dataset_name, args.size).filename
+    except ValueError as err:
+        fail(str(err))
+    try:
+        check_new_output(
+            args.output_file,
+            "--output_file",
+            "--overwrite_output_file",
+            args.overwrite_output_file,
+            inputs=[args.model_name_or_path, data_file],
+        )
+    except FileExistsError as err:
+        fail(str(err))
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.INFO)
-    (args,) = HfArgumentParser(EvaluateArguments).parse_args_into_dataclasses(args=argv)
+    args = parse_args(argv)
+    if args.output_file:
+        check_output_file(args)
     metrics = evaluate(args)
     text = json.dumps(metrics, indent=2, sort_keys=True)
     print(text)
     if args.output_file:
-        path = Path(args.output_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
-        logger.info("wrote %s", path)
+        try:
+            write_text_atomic(args.output_file, text + "\n")
+        except OSError as err:
+            fail(f"cannot write --output_file {args.output_file}: {err}")
+        logger.info("wrote %s", args.output_file)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 
     python scripts/predict.py --model_name_or_path outputs/organmnist3d scan.npy batch.npz --top_k 3
 
-Each array is one volume `(D, H, W)` or a batch `(N, D, H, W)`, uint8 (0..255, as MedMNIST stores them) or
-floating point already scaled to [0, 1]; `D, H, W` must be the model's `volume_size`. A `.npz` contributes
+Each array is one volume `(D, H, W)` or a batch `(N, D, H, W)`, uint8 (0..255, as MedMNIST stores them; other
+integer types with values in 0..255 too) or floating point already scaled to [0, 1]; `D, H, W` must be the model's `volume_size`. A `.npz` contributes
 every array it holds, or only the one named by `--key`. Files are read with `np.load(allow_pickle=False)`:
 pickled content (object arrays, pickles renamed .npy) is refused, never unpickled.
 
@@ -26,6 +26,7 @@ from transformers import AutoImageProcessor, AutoModelForVideoClassification
 
 import vivit_medmnist  # noqa: F401 -- registers the model with the Auto classes
 from vivit_medmnist.publishing import check_model_path
+from vivit_medmnist.safe_io import check_new_output, write_text_atomic
 
 
 class InputError(ValueError):
@@ -42,7 +43,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--top_k", type=int, default=3, help="how many labels to list per volume (default 3)")
     parser.add_argument("--key", default=None, help="in .npz files, label only this array")
-    parser.add_argument("--output_file", default=None, help="also write the predictions as JSON")
+    parser.add_argument(
+        "--output_file", default=None, help="also write the predictions as JSON (a new file; never an input)"
+    )
+    parser.add_argument(
+        "--overwrite_output_file", action="store_true", help="allow --output_file to replace an existing file"
+    )
     parser.add_argument("--batch_size", type=int, default=32, help="volumes per forward pass (default 32)")
     parser.add_argument("--revision", default="main", help="the Hub revision of the model (default main)")
     args = parser.parse_args(argv)
@@ -77,7 +83,13 @@ def load_arrays(path: Path, key: str | None) -> list[tuple[str | None, np.ndarra
             keys = [key] if key is not None else list(npz.files)
             if not keys:
                 raise InputError(f"{path}: the archive holds no arrays")
-            return [(k, npz[k]) for k in keys]
+            arrays = [(k, npz[k]) for k in keys]
+            for k, array in arrays:
+                if not isinstance(array, np.ndarray):  # NpzFile returns the raw bytes of a non-.npy member
+                    raise InputError(
+                        f"{path}: member {k!r} is not a numpy array (.npy) but {type(array).__name__}"
+                    )
+            return arrays
     except ValueError as err:
         if isinstance(err, InputError):
             raise
@@ -92,38 +104,35 @@ def load_arrays(path: Path, key: str | None) -> list[tuple[str | None, np.ndarra
 
 
 def as_batch(array: np.ndarray, volume_size: list[int], where: str) -> np.ndarray:
-    """(D, H, W) or (N, D, H, W) uint8/float -> (N, D, H, W), with errors naming the expected shape and dtype."""
+    """(D, H, W) or (N, D, H, W) -> (N, D, H, W), with an error naming the expected shape."""
     expected = tuple(volume_size)
-    if array.dtype != np.uint8 and not np.issubdtype(array.dtype, np.floating):
-        raise InputError(
-            f"{where}: expected uint8 volumes (0..255) or floats scaled to [0, 1], got dtype {array.dtype}"
-        )
     if array.ndim == 3 and array.shape == expected:
-        batch = array[None]
-    elif array.ndim == 4 and array.shape[1:] == expected and array.shape[0] > 0:
-        batch = array
-    else:
-        raise InputError(
-            f"{where}: expected one volume {expected} or a batch (N, {', '.join(map(str, expected))}), "
-            f"got shape {array.shape}"
-        )
-    if batch.dtype != np.uint8 and not (np.isfinite(batch).all() and 0 <= batch.min() <= batch.max() <= 1):
-        raise InputError(
-            f"{where}: float volumes must be scaled to [0, 1] (the model divides uint8 volumes by 255), got values "
-            f"in [{np.nanmin(batch)}, {np.nanmax(batch)}]; pass uint8 volumes (0..255) instead"
-        )
-    return batch
+        return array[None]
+    if array.ndim == 4 and array.shape[1:] == expected and array.shape[0] > 0:
+        return array
+    raise InputError(
+        f"{where}: expected one volume {expected} or a batch (N, {', '.join(map(str, expected))}), "
+        f"got shape {array.shape}"
+    )
+
+
+def preprocess(processor, array: np.ndarray, volume_size: list[int], where: str) -> torch.Tensor:
+    """The model's pixel_values for a file's array; the processor's dtype and value checks, named by file."""
+    try:
+        return processor(as_batch(array, volume_size, where), return_tensors="pt")["pixel_values"]
+    except ValueError as err:
+        if isinstance(err, InputError):
+            raise
+        raise InputError(f"{where}: {err}") from err
 
 
 @torch.no_grad()
-def predict(
-    model, processor, volumes: np.ndarray, top_k: int, batch_size: int
-) -> list[list[tuple[int, float]]]:
+def predict(model, pixel_values: torch.Tensor, top_k: int, batch_size: int) -> list[list[tuple[int, float]]]:
     """[(label id, probability)] * top_k for every volume of the batch, most probable first."""
     results = []
-    for start in range(0, len(volumes), batch_size):
-        inputs = processor(volumes[start : start + batch_size], return_tensors="pt").to(model.device)
-        probabilities = model(**inputs).logits.float().softmax(dim=-1)
+    for start in range(0, len(pixel_values), batch_size):
+        logits = model(pixel_values=pixel_values[start : start + batch_size].to(model.device)).logits
+        probabilities = logits.float().softmax(dim=-1)
         values, indices = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1)
         results += [list(zip(i.tolist(), v.tolist())) for i, v in zip(indices, values)]
     return results
@@ -133,6 +142,17 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if message := check_model_path(args.model_name_or_path):
         sys.exit(f"error: {message}")
+    if args.output_file:
+        try:
+            check_new_output(
+                args.output_file,
+                "--output_file",
+                "--overwrite_output_file",
+                args.overwrite_output_file,
+                args.files,
+            )
+        except FileExistsError as err:
+            sys.exit(f"error: {err}")
     try:
         model = AutoModelForVideoClassification.from_pretrained(
             args.model_name_or_path, revision=args.revision
@@ -148,13 +168,14 @@ def main(argv=None) -> None:
         for name in args.files:
             for key, array in load_arrays(Path(name), args.key):
                 where = name if key is None else f"{name}[{key}]"
-                inputs.append((name, key, array.ndim == 4, as_batch(array, model.config.volume_size, where)))
+                pixel_values = preprocess(processor, array, model.config.volume_size, where)
+                inputs.append((name, key, array.ndim == 4, pixel_values))
     except InputError as err:
         sys.exit(f"error: {err}")
 
     records = []
-    for name, key, is_batch, volumes in inputs:
-        for index, top in enumerate(predict(model, processor, volumes, args.top_k, args.batch_size)):
+    for name, key, is_batch, pixel_values in inputs:
+        for index, top in enumerate(predict(model, pixel_values, args.top_k, args.batch_size)):
             record = {
                 "file": name,
                 "key": key,
@@ -168,9 +189,10 @@ def main(argv=None) -> None:
             ranking = ", ".join(f"{id2label[i]} {p:.4f}" for i, p in top)
             print(f"{where}: {record['label']}  (top-{len(top)}: {ranking})")
     if args.output_file:
-        path = Path(args.output_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(records, indent=2) + "\n")
+        try:
+            write_text_atomic(args.output_file, json.dumps(records, indent=2) + "\n")
+        except OSError as err:
+            sys.exit(f"error: cannot write --output_file {args.output_file}: {err}")
 
 
 if __name__ == "__main__":

@@ -15,14 +15,17 @@ import time
 from transformers import set_seed
 
 from vivit_medmnist.publishing import save_publishable_folder
+from vivit_medmnist.safe_io import staged_files
 from vivit_medmnist.training import (
     build_image_processor,
     build_model,
     build_trainer,
+    check_output_dir,
     describe_device,
     finish_distributed,
     load_data,
     parse_args,
+    remove_checkpoints,
     resolve_checkpoint,
     save_results,
     setup_logging,
@@ -39,12 +42,13 @@ def main(argv=None):
     logger.info(f"{describe_device(run.training)} output_dir={run.output_dir}")
     try:
         # Bad arguments and missing data end here with the message, not a traceback.
-        checkpoint = resolve_checkpoint(run.training)
+        check_output_dir(run)  # a finished model there is replaced only when the user asked
+        checkpoint = resolve_checkpoint(run.training, overwrite=run.overwrite_output_dir)
         with run.training.main_process_first(desc="loading the data"):  # the first run downloads it once
             data = load_data(run.data)
         label_names = data["train"].features["label"].names
         set_seed(run.training.seed)  # before the model is made: its initial weights depend on it
-        model = build_model(run.model, label_names, run.data.size)
+        model = build_model(run.model, label_names, run.data.size, run.recipe_override_keys)
         image_processor = build_image_processor(run.model)
     except (ValueError, OSError) as err:
         finish_distributed(wait=False)
@@ -53,6 +57,8 @@ def main(argv=None):
     trainer = build_trainer(model, image_processor, data, run)
     if checkpoint is not None:
         logger.info(f"resuming from {checkpoint}")
+    elif run.overwrite_output_dir and trainer.is_world_process_zero():
+        remove_checkpoints(run.training)
     start = time.perf_counter()
     train_metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
     train_seconds = time.perf_counter() - start
@@ -62,20 +68,22 @@ def main(argv=None):
         trainer.log_metrics(split, metrics)
 
     if trainer.is_world_process_zero():
-        results = save_results(run.output_dir, train=train_metrics, eval=eval_metrics, test=test.metrics)
-        logits = test.predictions[0] if isinstance(test.predictions, tuple) else test.predictions
-        save_publishable_folder(
-            run.output_dir,
-            trainer.model,
-            image_processor,
-            dataset_name=run.data.dataset_name,
-            size=run.data.size,
-            log_history=trainer.state.log_history,
-            test_labels=test.label_ids,
-            test_logits=logits,
-            results=results,
-            training_summary=training_summary(run, trainer, data, train_seconds),
-        )
+        # Written in a staging folder, then renamed into output_dir: a crash leaves the old files whole.
+        with staged_files(run.output_dir) as staging:
+            results = save_results(staging, train=train_metrics, eval=eval_metrics, test=test.metrics)
+            logits = test.predictions[0] if isinstance(test.predictions, tuple) else test.predictions
+            save_publishable_folder(
+                staging,
+                trainer.model,
+                image_processor,
+                dataset_name=run.data.dataset_name,
+                size=run.data.size,
+                log_history=trainer.state.log_history,
+                test_labels=test.label_ids,
+                test_logits=logits,
+                results=results,
+                training_summary=training_summary(run, trainer, data, train_seconds),
+            )
         logger.info(f"publishable folder: {run.output_dir} (checkpoints in {run.training.output_dir})")
     finish_distributed()
 

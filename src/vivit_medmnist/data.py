@@ -352,6 +352,11 @@ def _read_npz(path: Path, source: MedMNIST3DSource) -> dict[str, tuple[np.ndarra
                 raise ValueError(
                     f"{path}: cannot read the {split} arrays ({type(err).__name__}: {err})."
                 ) from err
+            for key, array in ((f"{split}_images", images), (f"{split}_labels", labels)):
+                if not isinstance(array, np.ndarray):  # NpzFile returns the raw bytes of a non-.npy member
+                    raise ValueError(  # noqa: TRY004 -- a bad file, reported like every other one here
+                        f"{path}: {key} is not a numpy array (.npy) but {type(array).__name__}."
+                    )
             n = source.n_samples[split]
             if images.shape[0] != n or labels.shape[0] != n:
                 raise ValueError(

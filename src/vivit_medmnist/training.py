@@ -24,6 +24,7 @@ import difflib
 import json
 import logging
 import re
+import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from huggingface_hub.errors import StrictDataclassError
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 from transformers import (
+    AutoConfig,
     AutoImageProcessor,
     AutoModelForVideoClassification,
     HfArgumentParser,
@@ -47,13 +49,15 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.hf_argparser import string_to_bool
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .configuration_vivit_medmnist import VivitMedmnistConfig
 from .data import MedMNIST3DCollator, load_medmnist3d
 from .image_processing_vivit_medmnist import VivitMedmnistImageProcessor
 from .metrics import compute_metrics
 from .modeling_vivit_medmnist import VivitMedmnistForVideoClassification
+from .publishing import publishable_files
+from .safe_io import same_path
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +155,8 @@ class RunArguments(NamedTuple):
     training: TrainingArguments  # its output_dir is <output_dir>/checkpoints
     output_dir: Path  # the publishable folder
     recipe: str | None  # the --recipe file, if any
+    overwrite_output_dir: bool = False  # the user allows replacing a finished model in output_dir
+    recipe_override_keys: frozenset[str] = frozenset()  # config_overrides keys set by the recipe alone
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -161,7 +167,15 @@ class RunArguments(NamedTuple):
 def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     parser.description = "Train ViViT on a MedMNIST 3D set and write a publishable model folder."
+    # the generated usage would list every TrainingArguments option before each error message
+    parser.usage = "%(prog)s [--recipe FILE.yaml] [--output_dir DIR] [OPTIONS]   (every option: --help)"
     parser.add_argument("--recipe", help="YAML file of option defaults (command-line options override them).")
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Allow a new run to replace the finished model (and the checkpoints) already in --output_dir; "
+        "without it such a folder is refused.",
+    )
     for action in parser._actions:
         if action.dest == "flip_axes":
             action.nargs = (
@@ -182,15 +196,70 @@ def parse_args(argv: Sequence[str] | None = None) -> RunArguments:
     parser = build_parser()
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--recipe")
-    recipe = pre.parse_known_args(argv)[0].recipe
+    pre.add_argument("--config_overrides")
+    given = pre.parse_known_args(argv)[0]
+    recipe, recipe_values = given.recipe, {}
     if recipe is not None:
-        parser.set_defaults(**load_recipe(recipe, parser))
-    model_args, data_args, training_args, _ = parser.parse_args_into_dataclasses(
-        args=argv, look_for_args_file=False
-    )
+        recipe_values = load_recipe(recipe, parser)
+        parser.set_defaults(**recipe_values)
+    try:
+        model_args, data_args, training_args, extra, unknown = parser.parse_args_into_dataclasses(
+            args=argv, look_for_args_file=False, return_remaining_strings=True
+        )
+    except ValueError as err:  # TrainingArguments' own checks of option combinations
+        parser.error(str(err))
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if problem := _invalid_option(data_args, training_args):
+        parser.error(problem)
+    if training_args.push_to_hub:
+        parser.error(
+            "--push_to_hub would upload the Trainer's checkpoint folder (pickles, no model code or card); train, "
+            "then upload the finished folder with scripts/publish.py OUTPUT_DIR --repo_id ORG/NAME"
+        )
+    # config_overrides merge key by key: the command line's keys replace the recipe's, the recipe's others stay
+    from_recipe = _override_items(recipe_values.get("config_overrides"))
+    from_command_line = _override_items(given.config_overrides)
+    model_args.config_overrides = ",".join({**from_recipe, **from_command_line}.values()) or None
     output_dir = Path(training_args.output_dir or Path("outputs") / data_args.dataset_name)
     training_args.output_dir = str(output_dir / CHECKPOINTS)
-    return RunArguments(model_args, data_args, training_args, output_dir, recipe)
+    return RunArguments(
+        model_args,
+        data_args,
+        training_args,
+        output_dir,
+        recipe,
+        extra.overwrite_output_dir,
+        frozenset(from_recipe.keys() - from_command_line.keys()),
+    )
+
+
+def _invalid_option(data: DataArguments, training: TrainingArguments) -> str | None:
+    """The first option whose value cannot mean what the user wants (so the run would crash late or silently
+    do something else), as a message naming it; None when all are sound."""
+    for name in ("max_train_samples", "max_eval_samples", "max_test_samples"):
+        if (value := getattr(data, name)) is not None and value < 1:
+            return f"--{name} must be a positive number of volumes, got {value}"
+    if bad := [axis for axis in data.flip_axes if axis not in (0, 1, 2)]:
+        return f"--flip_axes takes volume axes 0 (D), 1 (H) and 2 (W), got {bad}"
+    ranges = {  # option: (lowest, highest, whether highest is allowed)
+        "max_shift": (0, data.size - 1, True),
+        "max_rotation": (0, 180, True),
+        "intensity_scale": (0, 1, False),
+        "intensity_shift": (0, 1, True),
+    }
+    for name, (low, high, closed) in ranges.items():
+        value = getattr(data, name)
+        if not (low <= value <= high and (closed or value < high)):
+            return f"--{name} must be in [{low}, {high}{']' if closed else ')'}, got {value}"
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        if (value := getattr(training, name)) < 1:
+            return f"--{name} must be >= 1, got {value}"
+    if training.max_steps <= 0 and not training.num_train_epochs > 0:
+        return f"--num_train_epochs must be > 0 (or give --max_steps), got {training.num_train_epochs}"
+    if not training.learning_rate >= 0:
+        return f"--learning_rate must be >= 0, got {training.learning_rate}"
+    return None
 
 
 def _bare_resume_flag(argv: list[str]) -> list[str]:
@@ -261,6 +330,17 @@ def _convert_one(action: argparse.Action, value: Any) -> Any:
     return converted
 
 
+def _split_overrides(text: str) -> list[str]:
+    return re.split(r",(?![^\[]*\])", text)  # commas outside [...]
+
+
+def _override_items(text: str | None) -> dict[str, str]:
+    """'a=1,b=[2,3]' -> {'a': 'a=1', 'b': 'b=[2,3]'} (the text of each item by its key; checked later)."""
+    return {
+        item.partition("=")[0].strip(): item.strip() for item in _split_overrides(text or "") if item.strip()
+    }
+
+
 def parse_config_overrides(text: str | None) -> dict[str, Any]:
     """'hidden_size=64,tubelet_size=[4,4,8],pooling=cls' -> a dict of config fields, values parsed as YAML.
 
@@ -271,8 +351,12 @@ def parse_config_overrides(text: str | None) -> dict[str, Any]:
         return {}
     defaults = VivitMedmnistConfig()
     overrides = {}
-    for item in re.split(r",(?![^\[]*\])", text):  # commas outside [...]
+    for item in _split_overrides(text):
         key, sep, raw = (part.strip() for part in item.partition("="))
+        if key == "volume_size":
+            raise ValueError(
+                "--config_overrides: volume_size comes from the data: use --size 28 or --size 64"
+            )
         if not sep or not key or key.startswith("_") or not hasattr(defaults, key):
             raise ValueError(
                 f"--config_overrides: {item.strip()!r} is not 'field=value' with a VivitMedmnistConfig field "
@@ -315,16 +399,47 @@ def describe_device(training_args: TrainingArguments) -> str:
     return f"world_size={training_args.world_size} device={training_args.device.type}"
 
 
-def resolve_checkpoint(training_args: TrainingArguments) -> str | None:
+def check_output_dir(run: RunArguments) -> None:
+    """ValueError when the run would replace something the user did not ask to replace: a finished model in
+    `--output_dir` (its publishable files), in particular the model being fine-tuned. Resuming continues the
+    run that folder belongs to, so it may replace its files; `--overwrite_output_dir` allows a new run to."""
+    folder = run.output_dir
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--output_dir {folder} is a file; expected a folder to write the model into")
+    if run.overwrite_output_dir or run.training.resume_from_checkpoint is not None or not folder.is_dir():
+        return
+    source = run.model.model_name_or_path
+    if source is not None and Path(source).is_dir() and same_path(source, folder):
+        raise ValueError(
+            f"--output_dir {folder} is the model being fine-tuned (--model_name_or_path {source}): training would "
+            "replace it. Choose another --output_dir, or pass --overwrite_output_dir to replace it."
+        )
+    if existing := publishable_files(folder):
+        raise ValueError(
+            f"--output_dir {folder} already holds a model ({', '.join(existing)}). Choose another --output_dir, "
+            "or pass --overwrite_output_dir to replace it."
+        )
+
+
+def remove_checkpoints(training_args: TrainingArguments) -> None:
+    """Delete the checkpoint-* folders of an earlier run (a new run with --overwrite_output_dir), so that they are
+    neither mixed with the new run's nor resumed by mistake."""
+    folder = Path(training_args.output_dir)
+    for checkpoint in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if folder.is_dir() else ():
+        shutil.rmtree(checkpoint)
+
+
+def resolve_checkpoint(training_args: TrainingArguments, overwrite: bool = False) -> str | None:
     """The checkpoint to resume from (None: a new run). ValueError when resuming is impossible or unsafe."""
     checkpoint_dir = Path(training_args.output_dir)
     existing = get_last_checkpoint(checkpoint_dir) if checkpoint_dir.is_dir() else None
     requested = training_args.resume_from_checkpoint
     if requested is None:
-        if existing is not None:
+        if existing is not None and not overwrite:
             raise ValueError(
                 f"{checkpoint_dir} already holds checkpoints (newest: {existing}) of another run. Continue it with "
-                "--resume_from_checkpoint, or choose another --output_dir (or delete the folder) to start afresh."
+                "--resume_from_checkpoint, choose another --output_dir, or pass --overwrite_output_dir to start "
+                "afresh (the old checkpoints are deleted)."
             )
         return None
     if requested == RESUME_LAST:
@@ -461,10 +576,30 @@ class EpochCallback(TrainerCallback):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def build_model(model_args: ModelArguments, label_names: Sequence[str], size: int):
-    """A new model for `size`^3 volumes, or the saved one (new head if the label count differs).
+# Config fields that change how a model trains or initialises a new head, not the shape or meaning of a saved
+# weight: the only overrides that apply to a model loaded for fine-tuning, whose saved config is its architecture.
+TRAINING_ONLY_FIELDS = (
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "drop_path_rate",
+    "initialization",
+    "initializer_range",
+)
 
-    Raises ValueError (bad overrides, volume size mismatch) or OSError (unreadable model path).
+
+def build_model(
+    model_args: ModelArguments,
+    label_names: Sequence[str],
+    size: int,
+    recipe_override_keys: frozenset[str] = frozenset(),
+):
+    """A new model for `size`^3 volumes, or the saved one to fine-tune (a new head if the label count differs).
+
+    Fine-tuning keeps the saved architecture: `config_overrides` of `TRAINING_ONLY_FIELDS` apply; another value
+    for an architecture field is skipped (with a log line) when it comes from the recipe (`recipe_override_keys`),
+    which describes a model to build, and refused when the user gave it on the command line.
+
+    Raises ValueError (bad or refused overrides, volume size mismatch, unreadable model).
     """
     labels = {
         "num_labels": len(label_names),
@@ -474,24 +609,95 @@ def build_model(model_args: ModelArguments, label_names: Sequence[str], size: in
     overrides = parse_config_overrides(model_args.config_overrides)
     path = model_args.model_name_or_path
     if path is None:
+        if overrides:
+            logger.info(f"config overrides: {_format_overrides(overrides)}")
         try:
             return VivitMedmnistForVideoClassification(
                 VivitMedmnistConfig(volume_size=size, **labels, **overrides)
             )
-        except StrictDataclassError as err:  # the config's type checks
+        except (StrictDataclassError, TypeError) as err:  # the config's type checks
             raise ValueError(f"invalid model configuration: {err}") from err
     try:
+        saved = AutoConfig.from_pretrained(path)
+        overrides = _fine_tuning_overrides(saved, overrides, recipe_override_keys, path)
+        new_head = saved.num_labels != len(label_names)
         model = AutoModelForVideoClassification.from_pretrained(
-            path, ignore_mismatched_sizes=True, **labels, **overrides
+            path, ignore_mismatched_sizes=new_head, **labels, **overrides
         )
     except (OSError, ValueError, StrictDataclassError) as err:
+        if isinstance(err, RefusedOverrides):
+            raise
         raise ValueError(f"--model_name_or_path {path}: cannot load a model: {err}") from err
+    if new_head:
+        logger.info(f"fine-tuning {path}: a new classification head for {len(label_names)} classes")
     if list(model.config.volume_size) != [size] * 3:
         raise ValueError(
             f"--model_name_or_path {path} expects volumes of size {model.config.volume_size}, the data is "
             f"{size}^3: pass --size {model.config.volume_size[0]} (position embeddings are per volume size)"
         )
     return model
+
+
+class RefusedOverrides(ValueError):
+    """Command-line config overrides that would change the architecture of the model being fine-tuned."""
+
+
+def _fine_tuning_overrides(saved, overrides: dict, recipe_override_keys: frozenset[str], path: str) -> dict:
+    """The overrides that apply to the saved model `path` (config `saved`); see `build_model`."""
+    applied, skipped, refused = {}, {}, {}
+    for key, value in overrides.items():
+        if key in TRAINING_ONLY_FIELDS:
+            applied[key] = value
+        elif same_config_value(getattr(saved, key, None), value):
+            continue  # what the saved model already has
+        elif key in recipe_override_keys:
+            skipped[key] = value
+        else:
+            refused[key] = value
+    if refused:
+        current = {key: getattr(saved, key, None) for key in refused}
+        raise RefusedOverrides(
+            f"--config_overrides {_format_overrides(refused)} would change the architecture of the model being "
+            f"fine-tuned ({path}: {_format_overrides(current)}); fine-tuning keeps the saved architecture. "
+            f"Only {', '.join(TRAINING_ONLY_FIELDS)} apply to a saved model; drop --model_name_or_path to "
+            "train a new model of that architecture."
+        )
+    for key, value in skipped.items():
+        logger.info(
+            f"the recipe's {key}={_format_value(value)} does not apply: fine-tuning keeps the saved model's "
+            f"{key}={_format_value(getattr(saved, key, None))}"
+        )
+    if applied:
+        logger.info(f"fine-tuning {path} with config overrides {_format_overrides(applied)}")
+    return applied
+
+
+def same_config_value(saved: Any, value: Any) -> bool:
+    """Whether an override `value` is what the config holds (`8` is `[8, 8, 8]` for the per-axis fields)."""
+    if isinstance(value, int) and not isinstance(value, bool) and isinstance(saved, (list, tuple)):
+        value = [value] * len(saved)
+    if isinstance(saved, (list, tuple)) and isinstance(value, (list, tuple)):
+        return list(saved) == list(value)
+    return saved == value
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(str, value)) + "]"
+    return "null" if value is None else str(value)
+
+
+def _format_overrides(overrides: Mapping[str, Any]) -> str:
+    return ",".join(f"{key}={_format_value(value)}" for key, value in overrides.items()) or "none"
+
+
+def applied_overrides(model_args: ModelArguments, model) -> str:
+    """The config overrides that the trained model has (a fine-tuned model keeps its saved architecture, so a
+    recipe's architecture overrides may not apply), for the model card."""
+    overrides = parse_config_overrides(model_args.config_overrides)
+    return _format_overrides(
+        {k: v for k, v in overrides.items() if same_config_value(getattr(model.config, k, None), v)}
+    )
 
 
 def build_image_processor(model_args: ModelArguments):
@@ -543,7 +749,7 @@ def training_summary(
     return {
         "recipe": Path(run.recipe).name if run.recipe else "none (command-line options)",
         "initialisation": run.model.model_name_or_path or f"new ({trainer.model.config.initialization})",
-        "config overrides": run.model.config_overrides or "none",
+        "config overrides": applied_overrides(run.model, trainer.model),
         "parameters": trainer.model.num_parameters(),
         "train / validation / test volumes": f"{len(data['train'])} / {len(data['validation'])} / {len(data['test'])}",
         "epochs": args.num_train_epochs,
