@@ -389,10 +389,12 @@ def test_processor_converts_each_volume_of_a_list_on_its_own():
     with pytest.raises(ValueError, match=r"got values in \[2.0, 2.0\]"):
         VivitMedmnistImageProcessor()([full, np.full((8, 8, 8), 2.0)])
     # integers that fit in uint8 are uint8 volumes (e.g. a datasets column read without a format: int64)
-    as_int64 = VivitMedmnistImageProcessor()(full.astype(np.int64))["pixel_values"]
-    assert torch.equal(as_int64, VivitMedmnistImageProcessor()(full)["pixel_values"])
+    as_int64 = VivitMedmnistImageProcessor()(full.astype(np.int64), return_tensors="pt")["pixel_values"]
+    assert torch.equal(as_int64, VivitMedmnistImageProcessor()(full, return_tensors="pt")["pixel_values"])
     # with do_rescale=False nothing is scaled or checked
-    raw = VivitMedmnistImageProcessor(do_rescale=False)(np.full((8, 8, 8), 200.0))["pixel_values"]
+    raw = VivitMedmnistImageProcessor(do_rescale=False)(np.full((8, 8, 8), 200.0), return_tensors="pt")[
+        "pixel_values"
+    ]
     assert raw.max().item() == 200.0
 
 
@@ -402,7 +404,9 @@ def test_an_empty_batch_is_a_clear_error():
         ValueError, match=r"expected at least one volume, got an empty batch: .*\(0, 28, 1, 28, 28\)"
     ):
         model(torch.zeros(0, 28, 1, 28, 28))
-    pixel_values = VivitMedmnistImageProcessor()(np.zeros((0, 28, 28, 28), np.uint8))["pixel_values"]
+    pixel_values = VivitMedmnistImageProcessor()(np.zeros((0, 28, 28, 28), np.uint8), return_tensors="pt")[
+        "pixel_values"
+    ]
     assert pixel_values.shape == (
         0,
         28,

@@ -23,12 +23,12 @@ class VivitMedmnistImageProcessor(BaseImageProcessor):
     r"""
     Turns raw MedMNIST-style volumes into the `pixel_values` that `VivitMedmnistModel` expects.
 
-    A volume is a "video" whose first axis is time (frames = depth). The processor only adds the channel axis,
-    converts to `float32` and rescales integers, as the Keras reference does (`uint8 / 255`); it never resizes
-    (the model's `volume_size` is fixed by its position embeddings, and the model itself raises a clear error on
-    a size mismatch).
+    A volume is a "video" whose first axis is time (frames = depth). The processor adds the channel axis,
+    converts to `float32` and rescales integers, as the Keras reference does (`uint8 / 255`). It resizes only when
+    asked (`do_resize=True` with `size`, trilinear): the model's `volume_size` is fixed by its position
+    embeddings, and the model raises a clear error on a size mismatch.
 
-    Accepted inputs (numpy arrays or torch tensors, or a list/tuple of equally shaped volumes):
+    Accepted inputs (numpy arrays or torch tensors, or a list/tuple of volumes, of equal shapes unless resized):
 
     - one volume `(D, H, W)` -> `pixel_values` `(1, D, 1, H, W)`;
     - a batch `(N, D, H, W)` -> `(N, D, 1, H, W)`;
@@ -55,6 +55,11 @@ class VivitMedmnistImageProcessor(BaseImageProcessor):
             The mean subtracted when `do_normalize` is set (one value: the volumes have one channel).
         image_std (`float`, *optional*, defaults to `1.0`):
             The standard deviation divided by when `do_normalize` is set.
+        do_resize (`bool`, *optional*, defaults to `False`):
+            Whether to resize every volume to `size` (trilinear interpolation of the scaled intensities, e.g. a
+            64³ volume for a 28³ model).
+        size (`int`, `list[int]` or `dict`, *optional*):
+            The `(D, H, W)` to resize to (an int means a cube; `{"depth", "height", "width"}` is accepted too).
 
     Example:
 
@@ -75,6 +80,8 @@ class VivitMedmnistImageProcessor(BaseImageProcessor):
     do_normalize = False
     image_mean = 0.0
     image_std = 1.0
+    do_resize = False
+    size = None
 
     def __init__(
         self,
@@ -83,6 +90,8 @@ class VivitMedmnistImageProcessor(BaseImageProcessor):
         do_normalize: bool = False,
         image_mean: float = 0.0,
         image_std: float = 1.0,
+        do_resize: bool = False,
+        size: int | list[int] | dict[str, int] | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -93,21 +102,35 @@ class VivitMedmnistImageProcessor(BaseImageProcessor):
         self.image_std = _scalar(image_std, "image_std")
         if self.image_std == 0:
             raise ValueError("image_std must be non-zero.")
+        self.do_resize = bool(do_resize)
+        self.size = None if size is None else _volume_size(size)
+        if self.do_resize and self.size is None:
+            raise ValueError(
+                "do_resize=True needs size, the (D, H, W) to resize volumes to (e.g. 28 or [28, 28, 28])"
+            )
 
     def preprocess(
         self,
         images: np.ndarray | torch.Tensor | list | tuple,
-        return_tensors: str | None = "pt",
+        return_tensors: str | None = None,
         do_rescale: bool | None = None,
         rescale_factor: float | None = None,
         do_normalize: bool | None = None,
         image_mean: float | None = None,
         image_std: float | None = None,
+        do_resize: bool | None = None,
+        size: int | list[int] | dict[str, int] | None = None,
+        data_format: str | None = None,
+        input_data_format: str | None = None,
         **kwargs: Any,
     ) -> BatchFeature:
-        """Convert `images` (one volume or a batch, see the class docstring) to `{"pixel_values": ...}`.
+        """Convert `images` (one volume, a batch, or a list of volumes, see the class docstring) to
+        `{"pixel_values": ...}`.
 
-        `return_tensors` is `"pt"` (default, also used for `None`) or `"np"`. The other arguments override the
+        `return_tensors`: `"pt"` gives one tensor `(N, D, 1, H, W)`, `"np"` one array, and `None` (the default, as
+        for transformers' image processors) a list of one `(D, 1, H, W)` tensor per volume. `data_format` and
+        `input_data_format` are accepted as in other image processors: the output is channels-first per frame
+        (`"channels_first"`), and a volume's layout is read from its shape. The other arguments override the
         processor's attributes for this call.
         """
         if kwargs:
@@ -117,37 +140,80 @@ class VivitMedmnistImageProcessor(BaseImageProcessor):
         do_normalize = self.do_normalize if do_normalize is None else do_normalize
         image_mean = self.image_mean if image_mean is None else _scalar(image_mean, "image_mean")
         image_std = self.image_std if image_std is None else _scalar(image_std, "image_std")
+        do_resize = self.do_resize if do_resize is None else do_resize
+        size = self.size if size is None else _volume_size(size)
+        if do_resize and size is None:
+            raise ValueError("do_resize=True needs size, the (D, H, W) to resize volumes to")
         if return_tensors not in (None, "pt", "np"):
-            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
+            raise ValueError(f"return_tensors must be None, 'pt' or 'np', got {return_tensors!r}")
+        if data_format not in (None, "channels_first"):
+            raise ValueError(
+                f"data_format: pixel_values are (N, D, C, H, W), channels first; got {data_format!r}"
+            )
+        if input_data_format not in (None, "channels_first", "channels_last"):
+            raise ValueError(
+                f"input_data_format must be channels_first or channels_last, got {input_data_format!r}"
+            )
 
-        def scale(volumes: torch.Tensor) -> torch.Tensor:
-            return _to_float32(volumes, rescale_factor if do_rescale else None)
+        def convert(volumes: torch.Tensor) -> torch.Tensor:
+            """(n, D, H, W) of any accepted dtype -> float32, scaled and resized."""
+            volumes = _to_float32(volumes, rescale_factor if do_rescale else None)
+            return _resize(volumes, size) if do_resize else volumes
 
         if isinstance(images, (list, tuple)) and all(
             isinstance(i, (np.ndarray, torch.Tensor)) for i in images
         ):
             if len(images) == 0:
                 raise ValueError("expected at least one volume, got an empty list")
-            parts = [scale(_as_tensor(image)) for image in images]  # each on its own: dtypes may differ
-            shapes = {tuple(part.shape) for part in parts}
+            # each on its own: dtypes (and, when resizing, sizes) may differ
+            parts = [convert(_as_batch(_as_tensor(image))) for image in images]
+            shapes = {tuple(part.shape[1:]) for part in parts}
             if len(shapes) != 1:
                 raise ValueError(
-                    f"all volumes of a batch must have the same shape, got shapes {sorted(shapes)}"
+                    f"all volumes of a batch must have the same shape, got shapes {sorted(shapes)} (do_resize=True "
+                    "with a size makes them one)"
                 )
-            pixel_values = torch.stack(parts)
+            volumes = torch.cat(parts)
         else:
-            pixel_values = scale(_as_tensor(images))
-        pixel_values = _add_channel_axis(pixel_values)
+            volumes = convert(_as_batch(_as_tensor(images)))
+        pixel_values = volumes[:, :, None]  # (N, D, 1, H, W): a view
         if do_normalize:
-            # a new tensor: a float32 input comes through `scale` as the caller's own memory
+            # a new tensor: a float32 input comes through `convert` as the caller's own memory
             pixel_values = (pixel_values - image_mean) / image_std
 
         if return_tensors == "np":
             return BatchFeature(data={"pixel_values": pixel_values.numpy()}, tensor_type="np")
+        if return_tensors is None:
+            return BatchFeature(data={"pixel_values": list(pixel_values)})
         return BatchFeature(data={"pixel_values": pixel_values}, tensor_type="pt")
 
     def __call__(self, images, *args, **kwargs) -> BatchFeature:
         return self.preprocess(images, *args, **kwargs)
+
+
+def _volume_size(size: Any) -> list[int]:
+    """An int (a cube), a sequence of 3 ints or a {"depth", "height", "width"} dict -> [D, H, W]."""
+    if isinstance(size, dict):
+        size = [size.get(key) for key in ("depth", "height", "width")]
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = [size] * 3
+    if (
+        not isinstance(size, (list, tuple))
+        or len(size) != 3
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size)
+    ):
+        raise ValueError(f"size must be a positive int or 3 of them (D, H, W), got {size!r}")
+    return [int(n) for n in size]
+
+
+def _resize(volumes: torch.Tensor, size: list[int]) -> torch.Tensor:
+    """(n, D, H, W) float -> (n, *size), trilinear (align_corners=False, as transformers resizes positions)."""
+    if list(volumes.shape[1:]) == size or volumes.shape[0] == 0:
+        return volumes if volumes.shape[0] else volumes.new_zeros((0, *size))
+    resized = torch.nn.functional.interpolate(
+        volumes[:, None], size=size, mode="trilinear", align_corners=False
+    )
+    return resized[:, 0]
 
 
 def _scalar(value: Any, name: str) -> float:
@@ -210,14 +276,14 @@ def _from_numpy(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def _add_channel_axis(volumes: torch.Tensor) -> torch.Tensor:
-    """(D,H,W) / (N,D,H,W) / (N,D,H,W,1) -> (N, D, 1, H, W) (a view, no copy)."""
+def _as_batch(volumes: torch.Tensor) -> torch.Tensor:
+    """(D,H,W) / (N,D,H,W) / (N,D,H,W,1) -> (N, D, H, W) (a view, no copy)."""
     if volumes.ndim == 3:
-        return volumes[None, :, None]
+        return volumes[None]
     if volumes.ndim == 4:
-        return volumes[:, :, None]
+        return volumes
     if volumes.ndim == 5 and volumes.shape[-1] == 1:
-        return volumes.squeeze(-1)[:, :, None]
+        return volumes[..., 0]
     raise ValueError(
         "expected one volume (D, H, W), a batch (N, D, H, W) or a channels-last batch (N, D, H, W, 1), got shape "
         f"{tuple(volumes.shape)}"
