@@ -43,6 +43,7 @@ EXPECTED_FILES = {
     "image_processing_vivit_medmnist.py",
     "model.safetensors",
     "modeling_vivit_medmnist.py",
+    "pipeline_vivit_medmnist.py",
     "preprocessor_config.json",
     "training_curves.png",
 }
@@ -156,9 +157,9 @@ def test_model_card_metadata_holds_the_measured_results(published):
     data = card.data
     assert data.license == "apache-2.0"
     assert data.library_name == "transformers"
-    assert data.pipeline_tag == "video-classification"
-    assert data.datasets == ["medmnist"]
-    assert {"vivit", "video-classification", "medical-imaging", "3d", "medmnist", "adrenalmnist3d"} <= set(
+    # no stock pipeline tag (video-classification cannot run a volume model) and no made-up Hub dataset id
+    assert data.pipeline_tag is None and data.datasets is None and data.base_model is None
+    assert {"vivit", "volume-classification", "medical-imaging", "3d", "medmnist", "adrenalmnist3d"} <= set(
         data.tags
     )
 
@@ -171,7 +172,7 @@ def test_model_card_metadata_holds_the_measured_results(published):
         ("validation", "roc_auc"): results["eval_auc"],
     }
     for result in data.eval_results:
-        assert result.task_type == "video-classification"
+        assert result.task_type == "volume-classification"
         assert result.dataset_config == "adrenalmnist3d"
     assert data.model_name == "vivit-medmnist-adrenalmnist3d"
 
@@ -280,6 +281,34 @@ def test_check_folder_loads_the_staged_files_without_the_package(published):
     with torch.no_grad():
         expected = tiny_model()(**inputs).logits[0]
     np.testing.assert_allclose(report["logits"], expected.numpy(), atol=1e-5)
+    # pipeline(model=folder, trust_remote_code=True) without the package: labels and softmax scores, best first
+    probabilities = expected.softmax(-1)
+    order = probabilities.argsort(descending=True).tolist()
+    assert [entry["label"] for entry in report["pipeline"]] == [["normal", "hyperplasia"][i] for i in order]
+    np.testing.assert_allclose(
+        [e["score"] for e in report["pipeline"]], probabilities[order].numpy(), atol=1e-5
+    )
+
+
+def test_pipeline_habit_with_the_package(published, tmp_path):
+    from transformers import pipeline
+
+    folder, _ = published
+    classify = pipeline(model=str(folder), trust_remote_code=True)
+    volume = probe_volume([28, 28, 28])
+    with torch.no_grad():
+        probabilities = (
+            tiny_model()(**VivitMedmnistImageProcessor()(volume, return_tensors="pt")).logits[0].softmax(-1)
+        )
+    best = int(probabilities.argmax())
+    answer = classify(volume)
+    assert answer[0]["label"] == ["normal", "hyperplasia"][best]
+    assert answer[0]["score"] == pytest.approx(float(probabilities[best]), abs=1e-5)
+    np.save(tmp_path / "volume.npy", volume)
+    assert classify(str(tmp_path / "volume.npy"), top_k=1) == answer[:1]  # a path, like an image file
+    assert classify(np.stack([volume, volume])) == [answer, answer]  # a batch: one answer per volume
+    with pytest.raises(ValueError, match="expected a .npy file"):
+        classify(str(tmp_path / "volume.nii.gz"))
 
 
 def test_check_folder_catches_code_that_needs_the_package(tmp_path):

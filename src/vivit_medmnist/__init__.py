@@ -5,12 +5,15 @@ Importing the package registers the classes with the transformers Auto classes (
 folder also loads with `trust_remote_code=True` where this package is not installed.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
     AutoModelForVideoClassification,
 )
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_vivit_medmnist import VivitMedmnistConfig
 from .image_processing_vivit_medmnist import VivitMedmnistImageProcessor
@@ -19,6 +22,12 @@ from .modeling_vivit_medmnist import (
     VivitMedmnistModel,
     VivitMedmnistPreTrainedModel,
 )
+from .pipeline_vivit_medmnist import TASK, VivitMedmnistVolumeClassificationPipeline
+
+try:
+    __version__ = version("vivit-medmnist")
+except PackageNotFoundError:  # imported from a source tree that was not installed
+    __version__ = "0+unknown"
 
 # exist_ok: re-importing (e.g. importlib.reload in a notebook) must not fail
 AutoConfig.register(VivitMedmnistConfig.model_type, VivitMedmnistConfig, exist_ok=True)
@@ -33,6 +42,14 @@ AutoImageProcessor.register(
     exist_ok=True,
 )
 
+# pipeline("volume-classification", model=...) with the package; saved folders name it in custom_pipelines
+PIPELINE_REGISTRY.register_pipeline(
+    TASK,
+    pipeline_class=VivitMedmnistVolumeClassificationPipeline,
+    pt_model=AutoModelForVideoClassification,
+    type="image",
+)
+
 # save_pretrained then writes `auto_map` and copies the three module files next to the weights
 VivitMedmnistConfig.register_for_auto_class()
 VivitMedmnistModel.register_for_auto_class("AutoModel")
@@ -45,4 +62,5 @@ __all__ = [
     "VivitMedmnistImageProcessor",
     "VivitMedmnistModel",
     "VivitMedmnistPreTrainedModel",
+    "VivitMedmnistVolumeClassificationPipeline",
 ]

@@ -36,6 +36,9 @@ from typing import Any
 
 import numpy as np
 
+from . import pipeline_vivit_medmnist as pipeline_module
+from .pipeline_vivit_medmnist import CUSTOM_PIPELINES, TASK
+
 __all__ = [
     "MODEL_CARD_TEMPLATE",
     "PUBLISH_ALLOW_PATTERNS",
@@ -46,6 +49,7 @@ __all__ = [
     "check_folder",
     "check_model_path",
     "find_pickled_files",
+    "hub_id",
     "load_without_package",
     "plot_confusion_matrix",
     "plot_training_curves",
@@ -78,8 +82,9 @@ MODEL_CARD_TEMPLATE = Path(__file__).resolve().parents[2] / "model_card.md"
 # The card's "how to load" snippet names the model by this placeholder until `publish.py` knows the repo id.
 REPO_ID_PLACEHOLDER = "<hub-user>/<model-name>"
 
-CARD_TAGS = ["vivit", "video-classification", "vision-transformer", "medical-imaging", "3d", "medmnist"]
-PIPELINE_TAG = "video-classification"
+# No `pipeline_tag`: the Hub's tags name stock pipelines, and "video-classification" (PyAV, frame sampling)
+# cannot run this model; the folder's own "volume-classification" pipeline runs with trust_remote_code=True.
+CARD_TAGS = ["vivit", TASK, "vision-transformer", "medical-imaging", "3d", "medmnist"]
 # Trainer's speed metrics (`speed_metrics` in transformers.trainer_utils): not model results.
 _TIMING_SUFFIXES = ("_runtime", "_per_second", "_model_preparation_time")
 # Metric name (after the split prefix) -> (Hub metric id, pretty name) for the model-index.
@@ -123,6 +128,13 @@ def check_model_path(name: str) -> str | None:
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:
         return f"{name}: no such model folder (and not a Hub id ORG/NAME)"
     return None
+
+
+def hub_id(name: str | None) -> str | None:
+    """`name` if it names a model on the Hub (ORG/NAME, not a local folder), else None: a card's `base_model`."""
+    if name is None or Path(name).expanduser().exists() or check_model_path(name) is not None:
+        return None
+    return name if name.count("/") == 1 else None
 
 
 def publishable_files(folder: str | os.PathLike) -> list[str]:
@@ -190,6 +202,8 @@ def save_publishable_folder(
     training_summary: Mapping[str, Any],
     template_path: str | os.PathLike | None = None,
     repo_id: str | None = None,
+    split_sizes: Mapping[str, int] | None = None,
+    base_model: str | None = None,
 ) -> None:
     """Write everything that gets published into `output_dir` (created if needed; other files are left alone).
 
@@ -205,6 +219,8 @@ def save_publishable_folder(
     `results` holds the measured metrics (`test_accuracy`, `test_auc`, `test_loss`, maybe `test_top5_accuracy`
     and `eval_*`); `training_summary` is a flat dict describing the training setup, shown as a table in the card.
     `repo_id` (optional) names the model in the card's loading example; `publish.py` fills it in otherwise.
+    `split_sizes` ({"train": n, "validation": n, "test": n}) are the volumes the run used, where they differ from
+    MedMNIST's; `base_model` is the Hub id of the model that was fine-tuned, if any.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -219,10 +235,15 @@ def save_publishable_folder(
         training_summary=training_summary,
         template_path=template_path,
         repo_id=repo_id,
+        split_sizes=split_sizes,
+        base_model=base_model,
     )
 
+    # `pipeline(model=folder, trust_remote_code=True)` reads the task from custom_pipelines and runs the copied file
+    model.config.custom_pipelines = CUSTOM_PIPELINES
     model.save_pretrained(output_dir)
     image_processor.save_pretrained(output_dir)
+    shutil.copyfile(pipeline_module.__file__, output_dir / Path(pipeline_module.__file__).name)
     plot_training_curves(log_history, output_dir / "training_curves.png")
     plot_confusion_matrix(labels, logits, label_names, output_dir / "confusion_matrix.png")
     card.save(output_dir / "README.md")
@@ -259,10 +280,19 @@ def _check_predictions(labels, logits, num_labels: int) -> tuple[np.ndarray, np.
 # --------------------------------------------------------------------------------------------------------------
 
 
+def training_log(log_history: list[dict]) -> list[dict]:
+    """The entries logged during training: the run's summary entry (with `train_runtime`) ends it, and an
+    evaluation after it (the final one of the best model) would be drawn as one more point at the last epoch."""
+    ends = [i for i, entry in enumerate(log_history) if "train_runtime" in entry]
+    return log_history[: ends[-1] + 1] if ends else log_history
+
+
 def plot_training_curves(log_history: list[dict], path: str | os.PathLike) -> None:
     """Training loss at every logging step and validation loss per evaluation (left), validation accuracy/AUC
     per evaluation (right), against the epoch; a note instead of a curve where nothing was logged."""
     from matplotlib.figure import Figure
+
+    log_history = training_log(log_history)
 
     def series(key: str) -> tuple[list[float], list[float]]:
         points = [
@@ -341,6 +371,14 @@ def plot_confusion_matrix(labels: np.ndarray, logits: np.ndarray, label_names: l
 # --------------------------------------------------------------------------------------------------------------
 
 
+_SPLIT_KEYS = (("train", "train"), ("validation", "val"), ("test", "test"))  # split -> MedMNIST's name
+
+
+def _volumes(split_sizes: Mapping[str, int] | None, split: str, total: int) -> str:
+    used = (split_sizes or {}).get(split, total)
+    return str(total) if used == total else f"{used} of {total}"
+
+
 def _is_timing(key: str) -> bool:
     return key.endswith(_TIMING_SUFFIXES)
 
@@ -416,6 +454,8 @@ def build_model_card(
     training_summary: Mapping[str, Any],
     template_path: str | os.PathLike | None = None,
     repo_id: str | None = None,
+    split_sizes: Mapping[str, int] | None = None,
+    base_model: str | None = None,
 ):
     """Render the model card (a `huggingface_hub.ModelCard`) from the jinja2 template; see
     `save_publishable_folder`. The `model-index` holds every test (and validation) metric of `results` among
@@ -447,7 +487,7 @@ def build_model_card(
             if math.isfinite(by_split.get(split, {}).get(metric, math.nan)):
                 eval_results.append(
                     EvalResult(
-                        task_type=PIPELINE_TAG,
+                        task_type=TASK,
                         task_name="Video (3D volume) classification",
                         dataset_type="medmnist",
                         dataset_name=f"MedMNIST v2 {dataset_pretty}",
@@ -461,9 +501,8 @@ def build_model_card(
     card_data = ModelCardData(
         license="apache-2.0",
         library_name="transformers",
-        pipeline_tag=PIPELINE_TAG,
         tags=CARD_TAGS + [source.name],
-        datasets=["medmnist"],
+        base_model=base_model,
         metrics=["accuracy", "roc_auc"],
         model_name=model_name,
         eval_results=eval_results,
@@ -497,8 +536,9 @@ def build_model_card(
         dataset_license=source.license,
         dataset_homepage=MEDMNIST_HOMEPAGE,
         dataset_splits=[
-            (s, source.n_samples[k]) for s, k in (("train", "train"), ("validation", "val"), ("test", "test"))
+            (split, _volumes(split_sizes, split, source.n_samples[key])) for split, key in _SPLIT_KEYS
         ],
+        test_volumes=(split_sizes or {}).get("test", source.n_samples["test"]),
         label_names=list(enumerate(label_names)),
         training_summary=[(str(k), _format(v)) for k, v in training_summary.items()],
         results_splits=splits,
@@ -526,7 +566,12 @@ shape = tuple(model.config.volume_size)
 volume = (np.arange(int(np.prod(shape))) % 251).astype(np.uint8).reshape(shape)  # = probe_volume(shape)
 with torch.no_grad():
     logits = model(**processor(volume, return_tensors="pt")).logits
+top = None
+if getattr(model.config, "custom_pipelines", None):  # the folder's own pipeline, as pipeline() finds it
+    from transformers import pipeline
+    top = pipeline(model=folder, trust_remote_code=True)(volume)
 print(json.dumps({
+    "pipeline": top,
     "model_class": type(model).__module__ + "." + type(model).__name__,
     "processor_class": type(processor).__module__ + "." + type(processor).__name__,
     "num_labels": model.config.num_labels,
@@ -546,7 +591,9 @@ def load_without_package(folder: str | os.PathLike, timeout: float = 600, name: 
     """Load `folder` with `AutoModelForVideoClassification`/`AutoImageProcessor` (`trust_remote_code=True`) in a
     subprocess where `vivit_medmnist` is not importable, run `probe_volume`, and return what it reported:
     `model_class`, `processor_class`, `num_labels`, `id2label`, `logits`. Raises RuntimeError (with the
-    subprocess's error output) if the folder does not load or run; `name` is how messages call the folder."""
+    subprocess's error output) if the folder does not load or run; `name` is how messages call the folder. Where
+    the folder names a pipeline (`custom_pipelines`), `pipeline` holds what `pipeline(model=folder,
+    trust_remote_code=True)(probe_volume)` answered, else None."""
     folder = Path(folder).resolve()
     name = name or str(folder)
     with tempfile.TemporaryDirectory(prefix="vivit-load-check-") as tmp:
