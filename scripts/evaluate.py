@@ -124,6 +124,7 @@ def evaluate(args: EvaluateArguments) -> dict[str, float]:
             per_device_eval_batch_size=args.per_device_eval_batch_size,
             dataloader_num_workers=args.dataloader_num_workers,
             use_cpu=not torch.cuda.is_available(),
+            remove_unused_columns=False,  # the collator reads the raw "volume" column
             report_to="none",
         )
         trainer = Trainer(

@@ -1,12 +1,20 @@
 #!/usr/bin/env python
-"""Label 3D volumes stored as .npy / .npz files with a saved (or Hub) ViViT-MedMNIST model.
+"""Label 3D volumes stored as .npy / .npz / NIfTI files with a saved (or Hub) ViViT-MedMNIST model.
 
-    python scripts/predict.py --model_name_or_path outputs/organmnist3d scan.npy batch.npz --top_k 3
+    python scripts/predict.py --model_name_or_path outputs/organmnist3d scan.npy batch.npz crop.nii.gz --top_k 3
 
 Each array is one volume `(D, H, W)` or a batch `(N, D, H, W)`, uint8 (0..255, as MedMNIST stores them; other
-integer types with values in 0..255 too) or floating point already scaled to [0, 1]; `D, H, W` must be the model's `volume_size`. A `.npz` contributes
-every array it holds, or only the one named by `--key`. Files are read with `np.load(allow_pickle=False)`:
-pickled content (object arrays, pickles renamed .npy) is refused, never unpickled.
+integer types with values in 0..255 too) or floating point already scaled to [0, 1]. `D, H, W` must be the
+model's `volume_size`, unless `--resize` (always for NIfTI) resizes it trilinearly with the model's processor.
+A `.npz` contributes every array it holds, or only the one named by `--key`. Files are read with
+`np.load(allow_pickle=False)`: pickled content (object arrays, pickles renamed .npy) is refused, never
+unpickled. `.nii` / `.nii.gz` files are read with nibabel (`pip install 'vivit-medmnist[nifti]'`) as stored:
+the first axis of the image array is taken as D.
+
+What MedMNIST did to its volumes, which yours must match: each is a crop around the structure of interest
+(OrganMNIST3D: CT mapped to grey levels with an abdominal window, then cropped to one organ's 3D bounding box),
+resized to 28^3 (or 64^3), stored as uint8 0..255 (mask sets such as AdrenalMNIST3D hold only 0 and 255). A
+raw scan in Hounsfield units is refused (floats outside [0, 1]): window and scale it first.
 
 For every volume it prints the predicted label and the `--top_k` labels with their probabilities (softmax of
 the logits); `--output_file` also writes them as JSON: a list of
@@ -34,9 +42,19 @@ class InputError(ValueError):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n")[3],  # what MedMNIST's preprocessing was
+    )
     parser.add_argument(
-        "files", nargs="+", help=".npy or .npz files of volumes (D, H, W) or batches (N, D, H, W)"
+        "files",
+        nargs="+",
+        help=".npy or .npz files of volumes (D, H, W) or batches (N, D, H, W), or .nii / .nii.gz volumes",
+    )
+    parser.add_argument(
+        "--resize",
+        action="store_true",
+        help="resize volumes of another size to the model's volume_size (trilinear); NIfTI volumes always are",
     )
     parser.add_argument(
         "--model_name_or_path", required=True, help="a folder written by scripts/train.py or a Hub id"
@@ -59,13 +77,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def load_nifti(path: Path) -> np.ndarray:
+    """The image array of a NIfTI file, in its stored dtype and axis order (a trailing length-1 axis dropped)."""
+    try:
+        import nibabel
+    except ImportError:
+        raise InputError(
+            f"{path}: reading NIfTI needs nibabel: pip install 'vivit-medmnist[nifti]'"
+        ) from None
+    try:
+        array = np.asanyarray(
+            nibabel.load(path).dataobj
+        )  # the stored values, scaled only if the header says so
+    except Exception as err:
+        raise InputError(f"{path}: not a readable NIfTI file ({type(err).__name__}: {err})") from err
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise InputError(f"{path}: expected a 3D NIfTI volume, got an image of shape {array.shape}")
+    return array
+
+
 def load_arrays(path: Path, key: str | None) -> list[tuple[str | None, np.ndarray]]:
-    """[(key or None, array)] from a .npy or .npz file, never unpickling anything."""
+    """[(key or None, array)] from a .npy, .npz or NIfTI file, never unpickling anything."""
     if not path.is_file():
         raise InputError(f"{path}: no such file")
+    if is_nifti(path):
+        if key is not None:
+            raise InputError(f"{path}: --key {key!r} applies to .npz files only")
+        return [(None, load_nifti(path))]
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".npz"):
-        raise InputError(f"{path}: expected a .npy or .npz file, got {suffix or 'no extension'!r}")
+        raise InputError(
+            f"{path}: expected a .npy, .npz, .nii or .nii.gz file, got {suffix or 'no extension'!r}"
+        )
     if suffix == ".npy" and key is not None:
         raise InputError(f"{path}: --key {key!r} applies to .npz files only")
     try:
@@ -103,23 +155,28 @@ def load_arrays(path: Path, key: str | None) -> list[tuple[str | None, np.ndarra
         raise InputError(f"{path}: not a readable numpy file ({type(err).__name__}: {err})") from err
 
 
-def as_batch(array: np.ndarray, volume_size: list[int], where: str) -> np.ndarray:
-    """(D, H, W) or (N, D, H, W) -> (N, D, H, W), with an error naming the expected shape."""
+def as_batch(array: np.ndarray, volume_size: list[int], where: str, resize: bool = False) -> np.ndarray:
+    """(D, H, W) or (N, D, H, W) -> (N, D, H, W), with an error naming the expected shape (any size when
+    `resize`)."""
     expected = tuple(volume_size)
-    if array.ndim == 3 and array.shape == expected:
+    if array.ndim == 3 and (resize or array.shape == expected):
         return array[None]
-    if array.ndim == 4 and array.shape[1:] == expected and array.shape[0] > 0:
+    if array.ndim == 4 and (resize or array.shape[1:] == expected) and array.shape[0] > 0:
         return array
     raise InputError(
         f"{where}: expected one volume {expected} or a batch (N, {', '.join(map(str, expected))}), "
-        f"got shape {array.shape}"
+        f"got shape {array.shape}" + ("" if resize else " (--resize resizes volumes of another size)")
     )
 
 
-def preprocess(processor, array: np.ndarray, volume_size: list[int], where: str) -> torch.Tensor:
+def preprocess(
+    processor, array: np.ndarray, volume_size: list[int], where: str, resize: bool = False
+) -> torch.Tensor:
     """The model's pixel_values for a file's array; the processor's dtype and value checks, named by file."""
+    batch = as_batch(array, volume_size, where, resize)
+    resizing = {"do_resize": True, "size": list(volume_size)} if resize else {}
     try:
-        return processor(as_batch(array, volume_size, where), return_tensors="pt")["pixel_values"]
+        return processor(batch, return_tensors="pt", **resizing)["pixel_values"]
     except ValueError as err:
         if isinstance(err, InputError):
             raise
@@ -168,7 +225,8 @@ def main(argv=None) -> None:
         for name in args.files:
             for key, array in load_arrays(Path(name), args.key):
                 where = name if key is None else f"{name}[{key}]"
-                pixel_values = preprocess(processor, array, model.config.volume_size, where)
+                resize = args.resize or is_nifti(Path(name))
+                pixel_values = preprocess(processor, array, model.config.volume_size, where, resize)
                 inputs.append((name, key, array.ndim == 4, pixel_values))
     except InputError as err:
         sys.exit(f"error: {err}")

@@ -14,7 +14,7 @@ import time
 
 from transformers import set_seed
 
-from vivit_medmnist.publishing import save_publishable_folder
+from vivit_medmnist.publishing import hub_id, save_publishable_folder
 from vivit_medmnist.safe_io import staged_files
 from vivit_medmnist.training import (
     build_image_processor,
@@ -83,6 +83,8 @@ def main(argv=None):
                 test_logits=logits,
                 results=results,
                 training_summary=training_summary(run, trainer, data, train_seconds),
+                split_sizes={split: len(rows) for split, rows in data.items()},
+                base_model=hub_id(run.model.model_name_or_path),
             )
         logger.info(f"publishable folder: {run.output_dir} (checkpoints in {run.training.output_dir})")
     finish_distributed()

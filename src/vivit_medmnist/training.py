@@ -52,7 +52,7 @@ from transformers.hf_argparser import string_to_bool
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .configuration_vivit_medmnist import VivitMedmnistConfig
-from .data import MedMNIST3DCollator, load_medmnist3d
+from .data import VOLUME_COLUMN, MedMNIST3DCollator, load_medmnist3d
 from .image_processing_vivit_medmnist import VivitMedmnistImageProcessor
 from .metrics import compute_metrics
 from .modeling_vivit_medmnist import VivitMedmnistForVideoClassification
@@ -63,6 +63,25 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"  # subfolder of --output_dir that holds the Trainer checkpoints (never published)
 RESUME_LAST = "last"  # what a bare --resume_from_checkpoint becomes
+
+
+@dataclass
+class RunOptions:
+    """What the run starts from, first in `--help`; neither may be set in a recipe."""
+
+    recipe: str | None = field(
+        default=None,
+        metadata={
+            "help": "A YAML file of option defaults, e.g. recipes/organmnist3d.yaml (options override them)."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow a new run to replace the finished model (and delete the checkpoints) already in "
+            "--output_dir; without it such a folder is refused."
+        },
+    )
 
 
 @dataclass
@@ -165,27 +184,30 @@ class RunArguments(NamedTuple):
 
 
 def build_parser() -> HfArgumentParser:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser = HfArgumentParser((RunOptions, ModelArguments, DataArguments, TrainingArguments))
     parser.description = "Train ViViT on a MedMNIST 3D set and write a publishable model folder."
     # the generated usage would list every TrainingArguments option before each error message
     parser.usage = "%(prog)s [--recipe FILE.yaml] [--output_dir DIR] [OPTIONS]   (every option: --help)"
-    parser.add_argument("--recipe", help="YAML file of option defaults (command-line options override them).")
-    parser.add_argument(
-        "--overwrite_output_dir",
-        action="store_true",
-        help="Allow a new run to replace the finished model (and the checkpoints) already in --output_dir; "
-        "without it such a folder is refused.",
-    )
     for action in parser._actions:
         if action.dest == "flip_axes":
             action.nargs = (
                 "*"  # HfArgumentParser makes lists nargs="+": allow `--flip_axes` alone to mean none
             )
+        elif action.dest == "output_dir":
+            action.help = (
+                "The publishable model folder (default outputs/<dataset_name>); the Trainer's checkpoints go to "
+                "its checkpoints/ subfolder and are never published."
+            )
     # No CUDA: train on the CPU without being told (otherwise the Trainer may pick e.g. MPS, or each process of an
     # `accelerate launch` on a CPU machine trains alone).
     # Every parameter takes part in every forward: DDP need not search for unused ones (the Trainer would).
+    # Progress bars only on a terminal: in a log file they are control characters.
     parser.set_defaults(
-        use_cpu=not torch.cuda.is_available(), ddp_find_unused_parameters=False, output_dir=""
+        use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,
+        remove_unused_columns=False,  # the raw "volume" column is no argument of forward(): the collator reads it
+        output_dir="",
+        disable_tqdm=not sys.stderr.isatty(),
     )
     return parser
 
@@ -203,7 +225,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunArguments:
         recipe_values = load_recipe(recipe, parser)
         parser.set_defaults(**recipe_values)
     try:
-        model_args, data_args, training_args, extra, unknown = parser.parse_args_into_dataclasses(
+        options, model_args, data_args, training_args, unknown = parser.parse_args_into_dataclasses(
             args=argv, look_for_args_file=False, return_remaining_strings=True
         )
     except ValueError as err:  # TrainingArguments' own checks of option combinations
@@ -212,6 +234,11 @@ def parse_args(argv: Sequence[str] | None = None) -> RunArguments:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if problem := _invalid_option(data_args, training_args):
         parser.error(problem)
+    if missing := _missing_integrations(training_args.report_to):
+        parser.error(
+            f"--report_to {' '.join(missing)}: not installed; pip install 'vivit-medmnist[{missing[0]}]' "
+            "(or the integration's own package), or choose another --report_to"
+        )
     if training_args.push_to_hub:
         parser.error(
             "--push_to_hub would upload the Trainer's checkpoint folder (pickles, no model code or card); train, "
@@ -229,7 +256,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunArguments:
         training_args,
         output_dir,
         recipe,
-        extra.overwrite_output_dir,
+        options.overwrite_output_dir,
         frozenset(from_recipe.keys() - from_command_line.keys()),
     )
 
@@ -262,6 +289,15 @@ def _invalid_option(data: DataArguments, training: TrainingArguments) -> str | N
     return None
 
 
+def _missing_integrations(report_to: list[str] | str | None) -> list[str]:
+    """The `--report_to` integrations that the Trainer could not start because their package is missing."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    available = set(get_available_reporting_integrations())
+    return [name for name in names if name not in ("all", "none") and name not in available]
+
+
 def _bare_resume_flag(argv: list[str]) -> list[str]:
     """argparse needs a value after --resume_from_checkpoint: give a bare flag the value `last`."""
     out = []
@@ -289,7 +325,8 @@ def load_recipe(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
         parser.error(
             f"recipe {path} must be a mapping of option names to values, got {type(recipe).__name__}"
         )
-    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "recipe")}
+    not_in_recipes = ("help", "recipe", "overwrite_output_dir")  # a recipe may not replace what a user has
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in not_in_recipes}
     unknown = [key for key in recipe if key not in actions]
     if unknown:
         hints = [
@@ -460,8 +497,10 @@ def resolve_checkpoint(training_args: TrainingArguments, overwrite: bool = False
 
 
 def load_data(data_args: DataArguments) -> datasets.DatasetDict:
-    """The train/validation/test splits, cut to the --max_*_samples first volumes."""
+    """The train/validation/test splits, cut to the --max_*_samples first volumes, read as uint8 (the collator's
+    input as stored: no widening to int64 and back on every row)."""
     data = load_medmnist3d(data_args.dataset_name, size=data_args.size, data_dir=data_args.data_dir)
+    data = data.with_format("numpy", dtype=np.uint8)
     limits = {
         "train": data_args.max_train_samples,
         "validation": data_args.max_eval_samples,
@@ -556,7 +595,7 @@ class AugmentedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = dict(self.dataset[int(index)])
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
-        row["pixel_values"] = augment_volume(np.asarray(row["pixel_values"]), rng, **self.augmentation)
+        row[VOLUME_COLUMN] = augment_volume(np.asarray(row[VOLUME_COLUMN]), rng, **self.augmentation)
         return row
 
 
@@ -745,7 +784,9 @@ def training_summary(
     augmentation = {k: v for k, v in run.data.augmentation().items() if v}
     if not run.data.max_rotation:
         augmentation.pop("rotation_interpolation")
-    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    # the precision that ran: `accelerate launch --mixed_precision bf16` sets it without --bf16
+    mixed = trainer.accelerator.mixed_precision
+    precision = mixed if mixed in ("bf16", "fp16", "fp8") else "fp32"
     return {
         "recipe": Path(run.recipe).name if run.recipe else "none (command-line options)",
         "initialisation": run.model.model_name_or_path or f"new ({trainer.model.config.initialization})",
@@ -760,7 +801,7 @@ def training_summary(
         "learning rate": args.learning_rate,
         "adam betas / epsilon": f"{args.adam_beta1}, {args.adam_beta2} / {args.adam_epsilon}",
         "weight decay": args.weight_decay,
-        "lr schedule": f"{args.lr_scheduler_type}, warmup {args.warmup_steps}",
+        "lr schedule": f"{getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}, warmup {args.warmup_steps}",
         "gradient clipping": args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else "none",
         "label smoothing": args.label_smoothing_factor or "none",
         "augmentation": ", ".join(f"{k}={v}" for k, v in augmentation.items()) or "none",
