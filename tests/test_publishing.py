@@ -192,6 +192,53 @@ def test_model_card_text(published):
     assert "test_runtime" not in text and "32.0" not in text  # speed metrics are not results
 
 
+@pytest.mark.parametrize(
+    "overrides, says, table",
+    [
+        (
+            {},
+            [
+                "attends jointly over all 27 tokens",
+                "non-overlapping",
+                "last 4, 4, 4 voxels along D, H, W are never read",
+                "the mean over the tokens",
+            ],
+            "joint (ViViT Model 1): 1 pre-norm",
+        ),
+        (
+            {"encoder_type": "factorised_encoder", "num_temporal_layers": 2},
+            [
+                "1 pre-norm *spatial* Transformer blocks attend within each of the 3 temporal slabs (9 tokens each)",
+                "2 *temporal* blocks attend over those 3 tokens",
+            ],
+            "factorised (ViViT Model 2): 1 spatial blocks within each of 3 temporal slabs, slab LayerNorm + mean, then 2 temporal blocks",
+        ),
+        (
+            {"pooling": "cls", "tubelet_stride": 4, "padding": "same"},
+            [
+                "overlapping spatio-temporal tubelets (the volume zero-padded",
+                "all 343 tokens and a CLS token",
+                "the final state of the CLS token",
+            ],
+            "learned, 344 positions (incl. a CLS token)",
+        ),
+    ],
+)
+def test_card_describes_the_model_it_ships_with(tmp_path, overrides, says, table):
+    config = VivitMedmnistConfig(
+        **{**TINY, **overrides}, num_labels=2, id2label={0: "normal", 1: "hyperplasia"}
+    )
+    make_folder(tmp_path, VivitMedmnistForVideoClassification(config))
+    text = " ".join(ModelCard.load(tmp_path / "README.md").text.split())
+    for fragment in says:
+        assert fragment in text, fragment
+    assert table in text
+    if overrides.get("encoder_type") == "factorised_encoder":
+        assert "attends jointly" not in text
+    else:
+        assert "temporal slabs" not in text
+
+
 def test_pngs_are_valid_images(published):
     folder, _ = published
     for name in ("training_curves.png", "confusion_matrix.png"):

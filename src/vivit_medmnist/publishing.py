@@ -409,6 +409,42 @@ def _format(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def describe_model(config) -> str:
+    """The card's paragraph on how the model reads a volume, from its config (every encoder type and option)."""
+    grid = " × ".join(map(str, config.grid_size))
+    overlap = "overlapping" if config.stride != config.tubelet_size else "non-overlapping"
+    covered = [(n - 1) * step + k for n, step, k in zip(config.grid_size, config.stride, config.tubelet_size)]
+    unread = [size - c for size, c in zip(config.volume_size, covered)]
+    if config.padding == "same":
+        padding = " (the volume zero-padded so that every voxel is covered)"
+    elif any(unread):
+        padding = f" (no padding: the last {', '.join(map(str, unread))} voxels along D, H, W are never read)"
+    else:
+        padding = ""
+    text = (
+        f"A {' × '.join(map(str, config.volume_size))} volume is read as a video whose frames are its slices along "
+        f"the first axis. A Conv3d whose kernel is the size of a *tubelet* cuts it into {overlap} "
+        f'spatio-temporal tubelets{padding}, a {grid} grid, and embeds each as one token ("tubelet embedding", '
+        "ViViT §3.2); learned position embeddings are added. "
+    )
+    if config.encoder_type == "factorised_encoder":
+        frames, per_slab = config.grid_size[0], config.num_tokens // config.grid_size[0]
+        text += (
+            f"{config.num_hidden_layers} pre-norm *spatial* Transformer blocks attend within each of the {frames} "
+            f"temporal slabs ({per_slab} tokens each); each slab's tokens are layer-normed and averaged into one "
+            f"token, learned temporal position embeddings are added, and {config.num_temporal_layers} *temporal* "
+            f'blocks attend over those {frames} tokens (ViViT\'s Model 2, "factorised encoder"). '
+        )
+    else:
+        cls = " and a CLS token" if config.pooling == "cls" else ""
+        text += (
+            f"A stack of {config.num_hidden_layers} pre-norm Transformer blocks attends jointly over all "
+            f'{config.num_tokens} tokens{cls} (ViViT\'s Model 1, "spatio-temporal attention"). '
+        )
+    pooled = "the final state of the CLS token" if config.pooling == "cls" else "the mean over the tokens"
+    return text + f"A final LayerNorm, {pooled} and a linear layer give one logit per class."
+
+
 def _architecture(model) -> list[tuple[str, str]]:
     config = model.config
     d, h, w = config.volume_size
@@ -422,11 +458,21 @@ def _architecture(model) -> list[tuple[str, str]]:
         f"Conv3d, kernel {kernel}, stride {stride}, padding `{config.padding}` → {grid} = "
         f"{config.num_tokens} tokens of width {config.hidden_size}"
     )
-    encoder = (
-        f"{config.num_hidden_layers} pre-norm Transformer block(s), {config.num_attention_heads} heads of dim "
-        f"{head_dim}, MLP {config.hidden_size} → {config.intermediate_size} ({config.hidden_act}) → "
-        f"{config.hidden_size} ({mlp_out}), LayerNorm eps {config.layer_norm_eps:g}"
+    block = (
+        f"pre-norm Transformer block(s), {config.num_attention_heads} heads of dim {head_dim}, MLP "
+        f"{config.hidden_size} → {config.intermediate_size} ({config.hidden_act}) → {config.hidden_size} "
+        f"({mlp_out}), LayerNorm eps {config.layer_norm_eps:g}"
     )
+    positions = f"learned, {config.sequence_length} positions{cls_note}"
+    if config.encoder_type == "factorised_encoder":
+        frames = config.grid_size[0]
+        encoder = (
+            f"factorised (ViViT Model 2): {config.num_hidden_layers} spatial blocks within each of {frames} "
+            f"temporal slabs, slab LayerNorm + mean, then {config.num_temporal_layers} temporal blocks; each a {block}"
+        )
+        positions += f"; temporal: learned, {frames} positions"
+    else:
+        encoder = f"joint (ViViT Model 1): {config.num_hidden_layers} {block}"
     regularisation = (
         f"attention dropout {config.attention_probs_dropout_prob:g}, hidden dropout "
         f"{config.hidden_dropout_prob:g}, stochastic depth {config.drop_path_rate:g}"
@@ -437,7 +483,7 @@ def _architecture(model) -> list[tuple[str, str]]:
             f"{d} × {h} × {w} volume, {config.num_channels} channel(s): a video of {d} frames of {h} × {w}",
         ),
         ("Tubelet embedding", embedding),
-        ("Position embedding", f"learned, {config.sequence_length} positions{cls_note}"),
+        ("Position embedding", positions),
         ("Encoder", encoder),
         ("Regularisation", regularisation),
         ("Head", f"final LayerNorm → {pooled} → Linear({config.hidden_size}, {config.num_labels})"),
@@ -526,6 +572,7 @@ def build_model_card(
         model_name=model_name,
         repo_id=repo_id or REPO_ID_PLACEHOLDER,
         architecture=_architecture(model),
+        model_description=describe_model(model.config),
         num_parameters=f"{model.num_parameters():,}",
         volume_size=" × ".join(map(str, model.config.volume_size)),
         dataset_name=source.name,
