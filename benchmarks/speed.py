@@ -20,9 +20,10 @@ ratios ours/native are reported both as the ratio of those medians and as the me
 Variants:
 - ours: `VivitMedmnistForVideoClassification(VivitMedmnistConfig(num_labels=11))` as constructed (the Keras
   reference: 27 tokens of 8^3 tubelets, width 128, 8 blocks of 8 heads, MLP 512 with tanh-GELU after both dense
-  layers, attention dropout 0.1, mean pooling; default attention implementation "sdpa", which on CPU runs the
-  model's eager attention for these 27 tokens and under dropout, see `CPU_EAGER_MAX_TOKENS`), eager mode (no
+  layers, attention dropout 0.1, mean pooling), its default attention implementation ("sdpa"), eager mode (no
   torch.compile).
+- ours_eager (with `--eager`): ours with `attn_implementation="eager"`, what scripts/train.py trains with on
+  CPU (`vivit_medmnist.trainer_setup.attention_for`).
 - native: transformers' `VivitForVideoClassification(VivitConfig(image_size=28, num_frames=28,
   tubelet_size=[8, 8, 8], num_channels=1, hidden_size=128, num_hidden_layers=8, num_attention_heads=8,
   intermediate_size=512, hidden_act="gelu_pytorch_tanh", attention_probs_dropout_prob=0.1,
@@ -87,6 +88,8 @@ def build_model(variant: str) -> torch.nn.Module:
         from vivit_medmnist import VivitMedmnistConfig, VivitMedmnistForVideoClassification
 
         model = VivitMedmnistForVideoClassification(VivitMedmnistConfig(num_labels=NUM_LABELS))
+        if variant == "ours_eager":
+            model.set_attn_implementation("eager")
         if variant == "ours_compiled":
             model = torch.compile(model)
         return model
@@ -296,6 +299,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--compile", action="store_true", help="add ours_compiled (torch.compile of ours)")
+    parser.add_argument("--eager", action="store_true", help="add ours_eager (ours with eager attention)")
     parser.add_argument(
         "--native_defaults",
         action="store_true",
@@ -331,6 +335,8 @@ def main(argv=None) -> dict | None:
         variants.append("native_defaults")
     if args.compile:
         variants.append("ours_compiled")
+    if args.eager:
+        variants.append("ours_eager")
 
     results = measure_speed(variants, args)
     ratios = {"ours/native": {mode: ratio(results, "ours", "native", mode) for mode in MODES}}
@@ -338,6 +344,9 @@ def main(argv=None) -> dict | None:
         ratios["ours/native_defaults"] = {
             mode: ratio(results, "ours", "native_defaults", mode) for mode in MODES
         }
+    if args.eager:
+        ratios["ours_eager/native"] = {mode: ratio(results, "ours_eager", "native", mode) for mode in MODES}
+        ratios["ours_eager/ours"] = {mode: ratio(results, "ours_eager", "ours", mode) for mode in MODES}
     if args.compile:
         ratios["ours_compiled/ours"] = {mode: ratio(results, "ours_compiled", "ours", mode) for mode in MODES}
         ratios["ours_compiled/native"] = {

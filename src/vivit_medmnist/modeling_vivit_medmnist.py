@@ -68,9 +68,10 @@ def check_pixel_values(pixel_values: torch.Tensor, config: VivitMedmnistConfig) 
 class VivitMedmnistTubeletEmbeddings(nn.Module):
     """(batch, D, C, H, W) -> (batch, num_tokens, hidden_size): a Conv3d over tubelets (Keras: `TubeletEmbedding`).
 
-    Non-overlapping tubelets (stride = tubelet size, the reference) are computed as one matmul of the flattened
-    tubelets with the Conv3d kernel: the same parameters and result as the convolution, measured ~1.6x faster
-    than oneDNN's Conv3d on CPU (forward + backward). Overlapping tubelets go through `nn.Conv3d`.
+    Non-overlapping tubelets (stride = tubelet size, the reference) are one matmul of the flattened tubelets with
+    the Conv3d kernel: the same parameters and, up to float rounding, the same result as the convolution, on every
+    device, without the convolution's overhead for a kernel that is also its stride. Overlapping tubelets go
+    through `nn.Conv3d`.
     """
 
     def __init__(self, config: VivitMedmnistConfig):
@@ -142,23 +143,9 @@ def eager_attention_forward(
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
     attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    if dropout > 0.0:
-        # Inverted dropout with a mask from torch.rand: on CPU, about twice as fast as the bernoulli_ draw of
-        # nn.functional.dropout (measured ~0.6 vs ~1.3 ms per block at batch 32), the same distribution.
-        # The mask is built in place in the float buffer of torch.rand (no bool tensor, one pass less).
-        keep_mask = torch.rand_like(attn_weights).ge_(dropout).mul_(1.0 / (1.0 - dropout))
-        attn_weights = attn_weights * keep_mask
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
     return attn_output, attn_weights
-
-
-# On CPU the "sdpa" implementation runs the eager path (same result up to float rounding) where that is faster:
-# - with attention dropout (training): torch has no fused CPU SDPA kernel with dropout and falls back to an unfused
-#   math path (a bernoulli_ mask and extra passes over the weights), slower than eager's torch.rand mask;
-# - for short sequences: torch's fused CPU kernel is tiled for long ones; at the reference's 27 tokens (batch 32,
-#   8 heads of 16) it takes 1.2 ms per block vs 0.5-0.6 ms for eager, at 64 tokens it is faster than eager.
-# Measured with benchmarks/speed.py: together ~12% faster training and inference of the default model.
-CPU_EAGER_MAX_TOKENS = 32
 
 
 class VivitMedmnistAttention(nn.Module):
@@ -190,52 +177,25 @@ class VivitMedmnistAttention(nn.Module):
         self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_length, _ = hidden_states.shape
-        dropout = self.attention_dropout if self.training else 0.0
-        implementation = self.config._attn_implementation
-        on_cpu = hidden_states.device.type == "cpu"
-        if implementation == "sdpa" and on_cpu and (dropout > 0.0 or seq_length <= CPU_EAGER_MAX_TOKENS):
-            implementation = "eager"
         # (batch, seq, 3 * hidden) -> 3 x (batch, heads, seq, head_dim) views
         qkv = self.qkv_proj(hidden_states).view(batch_size, seq_length, 3, self.num_heads, self.head_dim)
-        qkv = qkv.permute(2, 0, 3, 1, 4)
-        if implementation == "eager":
-            # one copy that makes q, k and v contiguous (the eager matmuls would otherwise copy each of them);
-            # SDPA's fused kernels read the strided views directly
-            qkv = qkv.contiguous()
-        query, key, value = qkv.unbind(0)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            implementation, eager_attention_forward
+            self.config._attn_implementation, eager_attention_forward
         )
         attn_output, attn_weights = attention_interface(
-            self, query, key, value, None, dropout=dropout, scaling=self.scaling, **kwargs
+            self,
+            query,
+            key,
+            value,
+            None,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
         )
-        if implementation != self.config._attn_implementation:
-            attn_weights = None  # the configured SDPA returns no attention maps, wherever it actually ran
         attn_output = self.o_proj(attn_output.reshape(batch_size, seq_length, -1))
         return attn_output, attn_weights
-
-
-class VivitMedmnistGELUTanh(nn.Module):
-    """GELU, tanh approximation (`keras.ops.gelu`'s default; torch's `gelu(approximate="tanh")`).
-
-    Without autograd on CPU it evaluates the identical formula as x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715
-    x^3), in place on one buffer: torch's fused tanh-GELU kernel is slow on CPU (measured 5x slower than its erf
-    GELU), and this makes CPU inference ~10% faster. With autograd, or on other devices, it is torch's kernel.
-    """
-
-    _scale = 2.0 * math.sqrt(2.0 / math.pi)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if hidden_states.device.type != "cpu" or (torch.is_grad_enabled() and hidden_states.requires_grad):
-            return nn.functional.gelu(hidden_states, approximate="tanh")
-        out = hidden_states * hidden_states
-        out.mul_(self._scale * 0.044715).add_(self._scale).mul_(hidden_states).sigmoid_()
-        return out.mul_(hidden_states)
-
-
-def _activation(name: str) -> nn.Module:
-    return VivitMedmnistGELUTanh() if name == "gelu_pytorch_tanh" else ACT2FN[name]
 
 
 class VivitMedmnistMLP(nn.Module):
@@ -245,10 +205,10 @@ class VivitMedmnistMLP(nn.Module):
     def __init__(self, config: VivitMedmnistConfig):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.activation_fn = _activation(config.hidden_act)
+        self.activation_fn = ACT2FN[config.hidden_act]
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.output_activation_fn = (
-            nn.Identity() if config.mlp_output_act is None else _activation(config.mlp_output_act)
+            nn.Identity() if config.mlp_output_act is None else ACT2FN[config.mlp_output_act]
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -559,9 +519,6 @@ class VivitMedmnistForVideoClassification(VivitMedmnistPreTrainedModel):
         self,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ImageClassifierOutput:
         r"""
@@ -571,13 +528,10 @@ class VivitMedmnistForVideoClassification(VivitMedmnistPreTrainedModel):
             Class indices in `[0, num_labels)`; the loss is then the cross-entropy (`config.problem_type`
             `"single_label_classification"`, also for two classes). Float labels of shape `(batch_size,
             num_labels)` mean multi-label (BCE) as usual in transformers.
-        output_attentions, output_hidden_states (`bool`, *optional*):
-            See [`VivitMedmnistModel.forward`]. `return_dict=False` returns a tuple.
+
+        `output_attentions`, `output_hidden_states` and `return_dict` are taken as in every transformers model; see
+        [`VivitMedmnistModel.forward`].
         """
-        if output_attentions is not None:
-            kwargs["output_attentions"] = output_attentions
-        if output_hidden_states is not None:
-            kwargs["output_hidden_states"] = output_hidden_states
         outputs: BaseModelOutputWithPooling = self.vivit(pixel_values, **kwargs)
         logits = self.classifier(outputs.pooler_output)
 
