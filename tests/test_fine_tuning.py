@@ -23,7 +23,9 @@ from vivit_medmnist import (
     VivitMedmnistForVideoClassification,
     VivitMedmnistImageProcessor,
 )
-from vivit_medmnist.training import applied_overrides, build_model, parse_args
+from vivit_medmnist.arguments import parse_args
+from vivit_medmnist.model_card import applied_overrides
+from vivit_medmnist.trainer_setup import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -94,7 +96,7 @@ def test_fine_tuning_with_a_shipped_recipe_starts_from_the_saved_weights(
 ):
     folder = saved_models[encoder_type]
     run = parse_args(["--recipe", str(recipe), "--model_name_or_path", str(folder)])
-    with caplog.at_level(logging.INFO, logger="vivit_medmnist.training"):
+    with caplog.at_level(logging.INFO, logger="vivit_medmnist.trainer_setup"):
         model = build_model(run.model, ADRENAL_LABELS, 28, run.recipe_override_keys)
     assert model.config.encoder_type == encoder_type
     assert {k: getattr(model.config, k) for k in TINY} == TINY
@@ -161,7 +163,7 @@ def test_the_readme_fine_tuning_example_starts_from_the_saved_weights(
     monkeypatch.setattr(Trainer, "train", train)
     main = runpy.run_path(str(REPO / "scripts" / "train.py"), run_name="train_script")["main"]
     with (
-        caplog.at_level(logging.INFO, logger="vivit_medmnist.training"),
+        caplog.at_level(logging.INFO, logger="vivit_medmnist.trainer_setup"),
         pytest.raises(StopBeforeTheFirstStep),
     ):
         main(args)

@@ -23,9 +23,10 @@ from transformers import DefaultDataCollator, Trainer, TrainingArguments
 
 import vivit_medmnist
 from vivit_medmnist import VivitMedmnistImageProcessor
+from vivit_medmnist.arguments import build_parser, parse_args
 from vivit_medmnist.data import MedMNIST3DCollator, load_medmnist3d
-from vivit_medmnist.publishing import hub_id, training_log
-from vivit_medmnist.training import build_parser, parse_args, training_summary
+from vivit_medmnist.model_card import hub_id, training_summary
+from vivit_medmnist.plots import training_log
 
 TINY_MODEL = "hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=64"
 

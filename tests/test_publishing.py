@@ -22,6 +22,7 @@ from vivit_medmnist import (
     VivitMedmnistForVideoClassification,
     VivitMedmnistImageProcessor,
 )
+from vivit_medmnist.model_folder import save_publishable_folder
 from vivit_medmnist.publishing import (
     PUBLISH_ALLOW_PATTERNS,
     REPO_ID_PLACEHOLDER,
@@ -29,7 +30,6 @@ from vivit_medmnist.publishing import (
     find_pickled_files,
     probe_volume,
     publishable_files,
-    save_publishable_folder,
     stage_for_upload,
 )
 

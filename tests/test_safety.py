@@ -170,13 +170,13 @@ def test_check_new_output(tmp_path):
     source.write_bytes(b"x")
     (tmp_path / "link.json").symlink_to(source)
     with pytest.raises(FileExistsError, match="already exists; pass --overwrite_output_file"):
-        check_new_output(existing, "--output_file", "--overwrite_output_file", False)
-    check_new_output(existing, "--output_file", "--overwrite_output_file", True)
+        check_new_output(existing, False)
+    check_new_output(existing, True)
     for alias in (source, tmp_path / "link.json", tmp_path / "." / "in.npy"):
         with pytest.raises(FileExistsError, match="is an input of this command"):
-            check_new_output(alias, "--output_file", "--overwrite_output_file", True, inputs=[source])
+            check_new_output(alias, True, [source])
     with pytest.raises(FileExistsError, match="is a folder"):
-        check_new_output(tmp_path, "--output_file", "--overwrite_output_file", True)
+        check_new_output(tmp_path, True)
 
 
 def test_predict_never_writes_over_its_input(model_dir, volume_file, tmp_path):

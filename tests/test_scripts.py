@@ -153,7 +153,7 @@ def test_evaluate_validation_split_uses_eval_prefix_and_the_model_logits(folder,
     assert not any(key.startswith("test_") for key in got)
 
     validation = load_medmnist3d("adrenalmnist3d", data_dir=shared_data_dir)["validation"][:]
-    inputs = VivitMedmnistImageProcessor()(validation["pixel_values"], return_tensors="pt")
+    inputs = VivitMedmnistImageProcessor()(validation["volume"], return_tensors="pt")
     with torch.no_grad():
         logits = tiny_model()(**inputs).logits.numpy()
     labels = np.asarray(validation["label"], dtype=np.int64)
@@ -340,7 +340,7 @@ def test_predict_bad_inputs_fail_clearly(folder, tmp_path):
         ("unscaled.npy", [], "scaled to [0, 1]"),
         ("one.npz", ["--key", "b"], "no array named 'b'; the file holds ['a']"),
         ("missing.npy", [], "no such file"),
-        ("volume.txt", [], "expected a .npy or .npz file"),
+        ("volume.txt", [], "expected a .npy, .npz, .nii or .nii.gz file, got '.txt'"),
     ]
     for name, extra, match in cases:
         with pytest.raises(SystemExit) as exit_info:

@@ -1,4 +1,4 @@
-"""scripts/train.py and vivit_medmnist.training: arguments and recipes, augmentation seeding, a real (tiny) run
+"""scripts/train.py, vivit_medmnist.arguments, .augmentation and .trainer_setup: arguments and recipes, augmentation seeding, a real (tiny) run
 that leaves the publishable folder, resume after a SIGKILL equals an uninterrupted run, DDP over gloo keeps the
 loss scale, and bad arguments fail with a clear message.
 
@@ -22,18 +22,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForVideoClassification, TrainerState
 
-from vivit_medmnist.training import (
-    RESUME_LAST,
-    AugmentedDataset,
-    EpochCallback,
-    ModelArguments,
-    augment_volume,
-    build_model,
-    parse_args,
-    parse_config_overrides,
-    resolve_checkpoint,
-    rotate_volume,
-)
+from vivit_medmnist.arguments import RESUME_LAST, ModelArguments, parse_args, parse_config_overrides
+from vivit_medmnist.augmentation import AugmentedDataset, EpochCallback, augment_volume, rotate_volume
+from vivit_medmnist.trainer_setup import build_model, resolve_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "scripts" / "train.py"
@@ -566,3 +557,15 @@ def shifted(volume: np.ndarray, shift: tuple[int, int, int]) -> np.ndarray:
     dst = tuple(slice(max(0, s), n - max(0, -s)) for s, n in zip(shift, volume.shape))
     out[dst] = volume[src]
     return out
+
+
+def test_attention_is_chosen_once_where_the_model_is_built(tmp_path):
+    from vivit_medmnist.trainer_setup import attention_for
+
+    assert attention_for(torch.device("cpu")) == "eager" and attention_for(torch.device("cuda")) == "sdpa"
+    model = build_model(
+        ModelArguments(config_overrides=TINY_MODEL), ["a", "b"], 28, attn_implementation="eager"
+    )
+    assert model.config._attn_implementation == "eager"
+    model.save_pretrained(tmp_path)  # the run's choice is not the saved model's: it loads with the default
+    assert AutoModelForVideoClassification.from_pretrained(tmp_path).config._attn_implementation == "sdpa"

@@ -1,12 +1,11 @@
-#!/usr/bin/env python
 """Evaluate a saved (or Hub) ViViT-MedMNIST model on one split of a MedMNIST 3D set, with the training metrics.
 
-    python scripts/evaluate.py --model_name_or_path outputs/organmnist3d --dataset_name organmnist3d \
+    vivit-medmnist-evaluate --model_name_or_path outputs/organmnist3d --dataset_name organmnist3d \
         --data_dir ~/.medmnist --split test --output_file test_results.json
 
 The model and its image processor load with the Auto classes (a local folder or a Hub id); the split loads with
 `vivit_medmnist.data.load_medmnist3d` (downloaded on first use unless offline). Evaluation is
-`Trainer.predict` with the same collator and `compute_metrics` as `scripts/train.py`, so the numbers are the
+`Trainer.predict` with the same collator and `compute_metrics` as `vivit-medmnist-train`, so the numbers are the
 training run's: on a folder written by `train.py`, `--split test` reproduces its `test_results.json`.
 
 The metric keys are prefixed like the Trainer's: `test_*` for `--split test`, `eval_*` for `--split validation`
@@ -47,7 +46,7 @@ METRIC_PREFIXES = {"test": "test", "validation": "eval", "train": "train"}
 @dataclass
 class EvaluateArguments:
     model_name_or_path: str = field(
-        metadata={"help": "A folder written by scripts/train.py, or a Hub model id."}
+        metadata={"help": "A folder written by vivit-medmnist-train, or a Hub model id."}
     )
     dataset_name: str = field(metadata={"help": "The MedMNIST 3D set, e.g. organmnist3d or adrenalmnist3d."})
     size: int = field(default=28, metadata={"help": "The volume size of the MedMNIST file: 28 or 64."})
@@ -157,13 +156,7 @@ def check_output_file(args: EvaluateArguments) -> None:
     except ValueError as err:
         fail(str(err))
     try:
-        check_new_output(
-            args.output_file,
-            "--output_file",
-            "--overwrite_output_file",
-            args.overwrite_output_file,
-            inputs=[args.model_name_or_path, data_file],
-        )
+        check_new_output(args.output_file, args.overwrite_output_file, [args.model_name_or_path, data_file])
     except FileExistsError as err:
         fail(str(err))
 

@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Label 3D volumes stored as .npy / .npz / NIfTI files with a saved (or Hub) ViViT-MedMNIST model.
 
-    python scripts/predict.py --model_name_or_path outputs/organmnist3d scan.npy batch.npz crop.nii.gz --top_k 3
+    vivit-medmnist-predict --model_name_or_path outputs/organmnist3d scan.npy batch.npz crop.nii.gz --top_k 3
 
 Each array is one volume `(D, H, W)` or a batch `(N, D, H, W)`, uint8 (0..255, as MedMNIST stores them; other
 integer types with values in 0..255 too) or floating point already scaled to [0, 1]. `D, H, W` must be the
@@ -57,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="resize volumes of another size to the model's volume_size (trilinear); NIfTI volumes always are",
     )
     parser.add_argument(
-        "--model_name_or_path", required=True, help="a folder written by scripts/train.py or a Hub id"
+        "--model_name_or_path", required=True, help="a folder written by vivit-medmnist-train or a Hub id"
     )
     parser.add_argument("--top_k", type=int, default=3, help="how many labels to list per volume (default 3)")
     parser.add_argument("--key", default=None, help="in .npz files, label only this array")
@@ -201,13 +200,7 @@ def main(argv=None) -> None:
         sys.exit(f"error: {message}")
     if args.output_file:
         try:
-            check_new_output(
-                args.output_file,
-                "--output_file",
-                "--overwrite_output_file",
-                args.overwrite_output_file,
-                args.files,
-            )
+            check_new_output(args.output_file, args.overwrite_output_file, args.files)
         except FileExistsError as err:
             sys.exit(f"error: {err}")
     try:

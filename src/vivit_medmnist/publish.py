@@ -1,8 +1,7 @@
-#!/usr/bin/env python
-"""Push a model folder written by scripts/train.py to the Hugging Face Hub.
+"""Push a model folder written by vivit-medmnist-train to the Hugging Face Hub.
 
-    python scripts/publish.py outputs/organmnist3d --repo_id my-user/vivit-organmnist3d --dry_run
-    python scripts/publish.py outputs/organmnist3d --repo_id my-user/vivit-organmnist3d [--private]
+    vivit-medmnist-publish outputs/organmnist3d --repo_id my-user/vivit-organmnist3d --dry_run
+    vivit-medmnist-publish outputs/organmnist3d --repo_id my-user/vivit-organmnist3d [--private]
 
 Only the files matching `vivit_medmnist.publishing.PUBLISH_ALLOW_PATTERNS` at the top of the folder are uploaded
 (weights as safetensors, config.json, preprocessor_config.json, the model code, README.md, the plots and the
@@ -32,7 +31,7 @@ from vivit_medmnist.publishing import PUBLISH_ALLOW_PATTERNS, check_folder, stag
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("output_dir", help="the output folder of scripts/train.py")
+    parser.add_argument("output_dir", help="the output folder of vivit-medmnist-train")
     parser.add_argument(
         "--repo_id", default=None, help="the Hub model repository, ORG/NAME (required unless --dry_run)"
     )
@@ -62,7 +61,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     folder = Path(args.output_dir)
     if not folder.is_dir():
-        sys.exit(f"error: {folder} is not a folder (expected the output folder of scripts/train.py)")
+        sys.exit(f"error: {folder} is not a folder (expected the output folder of vivit-medmnist-train)")
     token = None
     if not args.dry_run:  # fail fast, before the load check
         token = get_token()

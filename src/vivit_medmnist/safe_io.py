@@ -31,7 +31,11 @@ def _inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
 
 
 def check_new_output(
-    path: str | os.PathLike, option: str, overwrite_flag: str, overwrite: bool, inputs: Iterable = ()
+    path: str | os.PathLike,
+    overwrite: bool,
+    inputs: Iterable = (),
+    option: str = "--output_file",
+    overwrite_flag: str = "--overwrite_output_file",
 ) -> None:
     """Raise FileExistsError when writing the file `path` (given as `option`) would replace one of `inputs` or a
     file inside an input folder (always refused), or an existing file the user did not ask to overwrite with

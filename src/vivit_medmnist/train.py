@@ -1,12 +1,11 @@
-#!/usr/bin/env python
 """Train ViViT on a MedMNIST 3D set and leave a publishable model folder in --output_dir.
 
-    python scripts/train.py --recipe recipes/organmnist3d.yaml --output_dir outputs/organmnist3d
-    python scripts/train.py --recipe recipes/organmnist3d.yaml --output_dir outputs/organmnist3d --resume_from_checkpoint
-    accelerate launch --multi_gpu --num_processes 2 scripts/train.py --recipe recipes/keras_reference.yaml ...
+    vivit-medmnist-train --recipe recipes/organmnist3d.yaml --output_dir outputs/organmnist3d
+    vivit-medmnist-train --recipe recipes/organmnist3d.yaml --output_dir outputs/organmnist3d --resume_from_checkpoint
+    accelerate launch --multi_gpu --num_processes 2 -m vivit_medmnist.train --recipe keras_reference ...
 
 Every `TrainingArguments` field is an option (`--learning_rate`, `--bf16`, `--torch_compile`, ...); see
-`--help` and `vivit_medmnist.training` for the rest (recipes, resuming, augmentation, the folder layout).
+`--help`, and the package modules it names below for each step.
 """
 
 import logging
@@ -14,9 +13,12 @@ import time
 
 from transformers import set_seed
 
-from vivit_medmnist.publishing import hub_id, save_publishable_folder
+from vivit_medmnist.arguments import parse_args
+from vivit_medmnist.model_card import hub_id, training_summary
+from vivit_medmnist.model_folder import save_publishable_folder, save_results
 from vivit_medmnist.safe_io import staged_files
-from vivit_medmnist.training import (
+from vivit_medmnist.trainer_setup import (
+    attention_for,
     build_image_processor,
     build_model,
     build_trainer,
@@ -24,12 +26,9 @@ from vivit_medmnist.training import (
     describe_device,
     finish_distributed,
     load_data,
-    parse_args,
     remove_checkpoints,
     resolve_checkpoint,
-    save_results,
     setup_logging,
-    training_summary,
 )
 
 logger = logging.getLogger("train")
@@ -48,7 +47,8 @@ def main(argv=None):
             data = load_data(run.data)
         label_names = data["train"].features["label"].names
         set_seed(run.training.seed)  # before the model is made: its initial weights depend on it
-        model = build_model(run.model, label_names, run.data.size, run.recipe_override_keys)
+        attention = attention_for(run.training.device)  # decided once, here: see attention_for
+        model = build_model(run.model, label_names, run.data.size, run.recipe_override_keys, attention)
         image_processor = build_image_processor(run.model)
     except (ValueError, OSError) as err:
         finish_distributed(wait=False)

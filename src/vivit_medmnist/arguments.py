@@ -1,0 +1,422 @@
+"""The command line of `vivit-medmnist-train`: options, `--recipe` files and config overrides.
+
+Arguments follow the Hugging Face example scripts: `HfArgumentParser` over `RunOptions`, `ModelArguments`,
+`DataArguments` and `transformers.TrainingArguments`, so every `TrainingArguments` field is an option. On top:
+
+- `--recipe FILE.yaml`: a flat mapping of option names (without `--`) to values; they become the parser's
+  defaults, so options given on the command line win. Unknown keys and values of the wrong type are errors.
+  `--config_overrides` merges with the recipe's key by key.
+- `--resume_from_checkpoint` with no value (or the value `last`) resumes from the newest checkpoint in
+  `<output_dir>/checkpoints`; with a path, from that checkpoint.
+- `use_cpu` defaults to True when there is no CUDA device (`--use_cpu false` restores the Trainer's own choice).
+- `--output_dir` (default `outputs/<dataset_name>`) is the publishable folder; the Trainer's checkpoints, which
+  hold pickles (`optimizer.pt`, `rng_state.pth`, `training_args.bin`), go to its `checkpoints/` subfolder only.
+- A value that cannot mean what the user wants (0 volumes, an axis that does not exist, ...) is a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.hf_argparser import string_to_bool
+
+from .configuration_vivit_medmnist import VivitMedmnistConfig
+
+CHECKPOINTS = "checkpoints"  # subfolder of --output_dir that holds the Trainer checkpoints (never published)
+
+
+RESUME_LAST = "last"  # what a bare --resume_from_checkpoint becomes
+
+
+@dataclass
+class RunOptions:
+    """What the run starts from, first in `--help`; neither may be set in a recipe."""
+
+    recipe: str | None = field(
+        default=None,
+        metadata={
+            "help": "A YAML file of option defaults, or the name of a recipe shipped with the package "
+            "(organmnist3d, adrenalmnist3d, keras_reference); options given here override its values."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow a new run to replace the finished model (and delete the checkpoints) already in "
+            "--output_dir; without it such a folder is refused."
+        },
+    )
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train: a new one (the Keras reference architecture, changed by `config_overrides`) or a
+    saved one to fine-tune."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A saved model folder or Hub id to fine-tune; a new classification head is made when its "
+            "number of labels differs from the dataset's. Default: a new model."
+        },
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated config changes, e.g. 'hidden_size=64,num_hidden_layers=2,tubelet_size=[4,4,8]' "
+            "(values parsed as YAML; a list may also be a single int)."
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    """Which data and how it is augmented (all augmentation is off by default)."""
+
+    dataset_name: str = field(
+        default="organmnist3d", metadata={"help": "A MedMNIST 3D set, e.g. organmnist3d."}
+    )
+    size: int = field(default=28, metadata={"help": "Volume edge length: 28 or 64."})
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder holding <dataset_name>[_64].npz (downloaded there if missing and online)."},
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N training volumes."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N validation volumes."}
+    )
+    max_test_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N test volumes."}
+    )
+    flip_axes: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "Volume axes (0=D, 1=H, 2=W) each flipped with probability 1/2; give no value for none."
+        },
+    )
+    max_rotation: float = field(
+        default=0.0,
+        metadata={
+            "help": "Rotate volumes about their centre by up to N degrees about each axis (zero fill)."
+        },
+    )
+    rotation_interpolation: str = field(
+        default="linear",
+        metadata={
+            "help": "How rotated volumes are resampled: linear (intensities, e.g. CT) or nearest (keeps binary "
+            "masks binary).",
+            "choices": ["linear", "nearest"],
+        },
+    )
+    max_shift: int = field(
+        default=0, metadata={"help": "Shift volumes by up to N voxels per axis (zero fill)."}
+    )
+    intensity_scale: float = field(
+        default=0.0, metadata={"help": "Multiply intensities by a factor drawn from [1 - s, 1 + s]."}
+    )
+    intensity_shift: float = field(
+        default=0.0, metadata={"help": "Add an offset drawn from [-o, o] times 255 to the intensities."}
+    )
+
+    def augmentation(self) -> dict[str, Any]:
+        """The keyword arguments of `augment_volume`."""
+        return {
+            "flip_axes": tuple(self.flip_axes),
+            "max_rotation": self.max_rotation,
+            "rotation_interpolation": self.rotation_interpolation,
+            "max_shift": self.max_shift,
+            "intensity_scale": self.intensity_scale,
+            "intensity_shift": self.intensity_shift,
+        }
+
+
+class RunArguments(NamedTuple):
+    model: ModelArguments
+    data: DataArguments
+    training: TrainingArguments  # its output_dir is <output_dir>/checkpoints
+    output_dir: Path  # the publishable folder
+    recipe: str | None  # the --recipe file, if any
+    overwrite_output_dir: bool = False  # the user allows replacing a finished model in output_dir
+    recipe_override_keys: frozenset[str] = frozenset()  # config_overrides keys set by the recipe alone
+
+
+def build_parser() -> HfArgumentParser:
+    parser = HfArgumentParser((RunOptions, ModelArguments, DataArguments, TrainingArguments))
+    parser.description = "Train ViViT on a MedMNIST 3D set and write a publishable model folder."
+    # the generated usage would list every TrainingArguments option before each error message
+    parser.usage = "%(prog)s [--recipe FILE.yaml] [--output_dir DIR] [OPTIONS]   (every option: --help)"
+    for action in parser._actions:
+        if action.dest == "flip_axes":
+            action.nargs = (
+                "*"  # HfArgumentParser makes lists nargs="+": allow `--flip_axes` alone to mean none
+            )
+        elif action.dest == "output_dir":
+            action.help = (
+                "The publishable model folder (default outputs/<dataset_name>); the Trainer's checkpoints go to "
+                "its checkpoints/ subfolder and are never published."
+            )
+    # No CUDA: train on the CPU without being told (otherwise the Trainer may pick e.g. MPS, or each process of an
+    # `accelerate launch` on a CPU machine trains alone).
+    # Every parameter takes part in every forward: DDP need not search for unused ones (the Trainer would).
+    # Progress bars only on a terminal: in a log file they are control characters.
+    parser.set_defaults(
+        use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,
+        remove_unused_columns=False,  # the raw "volume" column is no argument of forward(): the collator reads it
+        output_dir="",
+        disable_tqdm=not sys.stderr.isatty(),
+    )
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> RunArguments:
+    """Parse the command line (`sys.argv[1:]` if None) into the three dataclasses, after applying `--recipe`."""
+    argv = _bare_resume_flag(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe")
+    pre.add_argument("--config_overrides")
+    given = pre.parse_known_args(argv)[0]
+    recipe, recipe_values = given.recipe, {}
+    if recipe is not None:
+        recipe_values = load_recipe(recipe, parser)
+        parser.set_defaults(**recipe_values)
+    try:
+        options, model_args, data_args, training_args, unknown = parser.parse_args_into_dataclasses(
+            args=argv, look_for_args_file=False, return_remaining_strings=True
+        )
+    except ValueError as err:  # TrainingArguments' own checks of option combinations
+        parser.error(str(err))
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if problem := _invalid_option(data_args, training_args):
+        parser.error(problem)
+    if missing := _missing_integrations(training_args.report_to):
+        parser.error(
+            f"--report_to {' '.join(missing)}: not installed; pip install 'vivit-medmnist[{missing[0]}]' "
+            "(or the integration's own package), or choose another --report_to"
+        )
+    if training_args.push_to_hub:
+        parser.error(
+            "--push_to_hub would upload the Trainer's checkpoint folder (pickles, no model code or card); train, "
+            "then upload the finished folder with vivit-medmnist-publish OUTPUT_DIR --repo_id ORG/NAME"
+        )
+    # config_overrides merge key by key: the command line's keys replace the recipe's, the recipe's others stay
+    from_recipe = _override_items(recipe_values.get("config_overrides"))
+    from_command_line = _override_items(given.config_overrides)
+    model_args.config_overrides = ",".join({**from_recipe, **from_command_line}.values()) or None
+    output_dir = Path(training_args.output_dir or Path("outputs") / data_args.dataset_name)
+    training_args.output_dir = str(output_dir / CHECKPOINTS)
+    return RunArguments(
+        model_args,
+        data_args,
+        training_args,
+        output_dir,
+        recipe,
+        options.overwrite_output_dir,
+        frozenset(from_recipe.keys() - from_command_line.keys()),
+    )
+
+
+def _invalid_option(data: DataArguments, training: TrainingArguments) -> str | None:
+    """The first option whose value cannot mean what the user wants (so the run would crash late or silently
+    do something else), as a message naming it; None when all are sound."""
+    for name in ("max_train_samples", "max_eval_samples", "max_test_samples"):
+        if (value := getattr(data, name)) is not None and value < 1:
+            return f"--{name} must be a positive number of volumes, got {value}"
+    if bad := [axis for axis in data.flip_axes if axis not in (0, 1, 2)]:
+        return f"--flip_axes takes volume axes 0 (D), 1 (H) and 2 (W), got {bad}"
+    ranges = {  # option: (lowest, highest, whether highest is allowed)
+        "max_shift": (0, data.size - 1, True),
+        "max_rotation": (0, 180, True),
+        "intensity_scale": (0, 1, False),
+        "intensity_shift": (0, 1, True),
+    }
+    for name, (low, high, closed) in ranges.items():
+        value = getattr(data, name)
+        if not (low <= value <= high and (closed or value < high)):
+            return f"--{name} must be in [{low}, {high}{']' if closed else ')'}, got {value}"
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        if (value := getattr(training, name)) < 1:
+            return f"--{name} must be >= 1, got {value}"
+    if training.max_steps <= 0 and not training.num_train_epochs > 0:
+        return f"--num_train_epochs must be > 0 (or give --max_steps), got {training.num_train_epochs}"
+    if not training.learning_rate >= 0:
+        return f"--learning_rate must be >= 0, got {training.learning_rate}"
+    return None
+
+
+def _missing_integrations(report_to: list[str] | str | None) -> list[str]:
+    """The `--report_to` integrations that the Trainer could not start because their package is missing."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    available = set(get_available_reporting_integrations())
+    return [name for name in names if name not in ("all", "none") and name not in available]
+
+
+def _bare_resume_flag(argv: list[str]) -> list[str]:
+    """argparse needs a value after --resume_from_checkpoint: give a bare flag the value `last`."""
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        bare = i + 1 == len(argv) or argv[i + 1].startswith("--")
+        if arg in ("--resume_from_checkpoint", "--resume-from-checkpoint") and bare:
+            out.append(RESUME_LAST)
+    return out
+
+
+RECIPES_DIR = Path(__file__).with_name("recipes")  # the recipes shipped with the package (package data)
+
+
+def packaged_recipes() -> list[str]:
+    """The names of the recipes shipped with the package, e.g. ['adrenalmnist3d', 'keras_reference', ...]."""
+    return sorted(path.stem for path in RECIPES_DIR.glob("*.yaml"))
+
+
+def resolve_recipe(name: str) -> Path:
+    """A recipe file: `name` itself when it exists, else the packaged recipe of that name (with or without
+    `.yaml`), so `--recipe organmnist3d` works where the package is installed without a checkout."""
+    path = Path(name)
+    packaged = RECIPES_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if not path.is_file() and path.parent == Path(".") and packaged.is_file():
+        return packaged
+    return path
+
+
+def load_recipe(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Read a recipe: a flat YAML mapping of option name -> value, checked against `parser`'s options.
+
+    `path` is a YAML file, or the name of a recipe shipped with the package (`organmnist3d`, see
+    `packaged_recipes`). Values are converted with the option's own type, as if given on the command line, so a
+    recipe cannot hold
+    anything the command line would refuse. Errors go through `parser.error` (usage + message, exit status 2).
+    """
+    try:
+        recipe = yaml.safe_load(resolve_recipe(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        parser.error(f"cannot read recipe {path}: {err}")
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        parser.error(
+            f"recipe {path} must be a mapping of option names to values, got {type(recipe).__name__}"
+        )
+    not_in_recipes = ("help", "recipe", "overwrite_output_dir")  # a recipe may not replace what a user has
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in not_in_recipes}
+    unknown = [key for key in recipe if key not in actions]
+    if unknown:
+        hints = [
+            f"{key!r}"
+            + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, actions)) else "")
+            for key in unknown
+        ]
+        parser.error(f"recipe {path}: unknown key(s) {', '.join(hints)}; keys are option names without '--'")
+    defaults = {}
+    for key, value in recipe.items():
+        try:
+            defaults[key] = _convert_recipe_value(actions[key], value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+            parser.error(f"recipe {path}: invalid value {value!r} for {key!r}: {err}")
+    return defaults
+
+
+def _convert_recipe_value(action: argparse.Action, value: Any) -> Any:
+    if value is None:
+        return None
+    if action.nargs in ("+", "*"):
+        return [_convert_one(action, item) for item in (value if isinstance(value, list) else [value])]
+    if isinstance(value, list):
+        raise TypeError("expected a single value, got a list")
+    return _convert_one(action, value)
+
+
+def _convert_one(action: argparse.Action, value: Any) -> Any:
+    if isinstance(value, dict):
+        value = json.dumps(value)  # dict options (e.g. lr_scheduler_kwargs) take JSON on the command line
+    elif isinstance(value, bool) and action.type is not string_to_bool:
+        raise TypeError("expected a value of the option's type, got a boolean")
+    elif isinstance(value, (list, tuple)):
+        raise TypeError("expected a single value, got a list")
+    converted = action.type(str(value)) if action.type is not None else str(value)
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError(f"expected one of {list(action.choices)}")
+    return converted
+
+
+def _split_overrides(text: str) -> list[str]:
+    return re.split(r",(?![^\[]*\])", text)  # commas outside [...]
+
+
+def _override_items(text: str | None) -> dict[str, str]:
+    """'a=1,b=[2,3]' -> {'a': 'a=1', 'b': 'b=[2,3]'} (the text of each item by its key; checked later)."""
+    return {
+        item.partition("=")[0].strip(): item.strip() for item in _split_overrides(text or "") if item.strip()
+    }
+
+
+def parse_config_overrides(text: str | None) -> dict[str, Any]:
+    """'hidden_size=64,tubelet_size=[4,4,8],pooling=cls' -> a dict of config fields, values parsed as YAML.
+
+    Keys must be `VivitMedmnistConfig` attributes; a value is coerced to float where the default is a float (YAML
+    reads `1e-6` as a string). The config itself validates the values.
+    """
+    if not text:
+        return {}
+    defaults = VivitMedmnistConfig()
+    overrides = {}
+    for item in _split_overrides(text):
+        key, sep, raw = (part.strip() for part in item.partition("="))
+        if key == "volume_size":
+            raise ValueError(
+                "--config_overrides: volume_size comes from the data: use --size 28 or --size 64"
+            )
+        if not sep or not key or key.startswith("_") or not hasattr(defaults, key):
+            raise ValueError(
+                f"--config_overrides: {item.strip()!r} is not 'field=value' with a VivitMedmnistConfig field "
+                f"(e.g. hidden_size=64,num_hidden_layers=2,tubelet_size=4)"
+            )
+        value = yaml.safe_load(raw) if raw else raw
+        if (
+            isinstance(getattr(defaults, key), float)
+            and isinstance(value, (str, int))
+            and not isinstance(value, bool)
+        ):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"--config_overrides: {key} must be a number, got {raw!r}") from None
+        overrides[key] = value
+    return overrides
+
+
+def same_config_value(saved: Any, value: Any) -> bool:
+    """Whether an override `value` is what the config holds (`8` is `[8, 8, 8]` for the per-axis fields)."""
+    if isinstance(value, int) and not isinstance(value, bool) and isinstance(saved, (list, tuple)):
+        value = [value] * len(saved)
+    if isinstance(saved, (list, tuple)) and isinstance(value, (list, tuple)):
+        return list(saved) == list(value)
+    return saved == value
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(str, value)) + "]"
+    return "null" if value is None else str(value)
+
+
+def format_overrides(overrides: Mapping[str, Any]) -> str:
+    return ",".join(f"{key}={format_value(value)}" for key, value in overrides.items()) or "none"
