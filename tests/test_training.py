@@ -136,8 +136,10 @@ def test_fine_tune_from_the_saved_folder(uninterrupted):
     new_head = [name for name in saved if state[name].shape != saved[name].shape]
     assert len(new_head) == 2 and all(state[name].shape[0] == 3 for name in new_head)  # weight and bias
     assert all(torch.equal(state[name], saved[name]) for name in saved if name not in new_head)
-    with pytest.raises(ValueError, match=r"expects volumes of size \[28, 28, 28\], the data is 64\^3"):
-        build_model(model_args, ["a", "b"], 64)
+    # 64^3 data: the saved 28^3 model is transferred (positions resized to the 8^3 grid of 8^3 tubelets)
+    transferred = build_model(model_args, ["normal", "hyperplasia"], 64)
+    assert transferred.config.volume_size == [64, 64, 64] and transferred.config.grid_size == [8, 8, 8]
+    assert transferred.vivit.embeddings.position_embeddings.shape[1] == 512
 
 
 # --------------------------------------------------------------------------------------------------------------

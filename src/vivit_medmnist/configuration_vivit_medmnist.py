@@ -208,21 +208,29 @@ class VivitMedmnistConfig(PreTrainedConfig):
     @property
     def padding_amounts(self) -> list[tuple[int, int]]:
         """Zero voxels added `(before, after)` on the D, H and W axes (all zero for `padding="valid"`)."""
-        if self.padding == "valid":
-            return [(0, 0)] * 3
-        amounts = []
-        for size, kernel, step in zip(self.volume_size, self.tubelet_size, self.stride):
-            total = max((math.ceil(size / step) - 1) * step + kernel - size, 0)
-            amounts.append((total // 2, total - total // 2))
-        return amounts
+        return self.padding_amounts_for(self.volume_size)
 
     @property
     def grid_size(self) -> list[int]:
         """The number of tubelets along D, H and W."""
+        return self.grid_size_for(self.volume_size)
+
+    def padding_amounts_for(self, volume_size: Sequence[int]) -> list[tuple[int, int]]:
+        """`padding_amounts` for volumes of another size (with `interpolate_pos_encoding=True`)."""
+        if self.padding == "valid":
+            return [(0, 0)] * 3
+        amounts = []
+        for size, kernel, step in zip(volume_size, self.tubelet_size, self.stride):
+            total = max((math.ceil(size / step) - 1) * step + kernel - size, 0)
+            amounts.append((total // 2, total - total // 2))
+        return amounts
+
+    def grid_size_for(self, volume_size: Sequence[int]) -> list[int]:
+        """`grid_size` for volumes of another size (with `interpolate_pos_encoding=True`)."""
         return [
             (size + before + after - kernel) // step + 1
             for size, kernel, step, (before, after) in zip(
-                self.volume_size, self.tubelet_size, self.stride, self.padding_amounts
+                volume_size, self.tubelet_size, self.stride, self.padding_amounts_for(volume_size)
             )
         ]
 

@@ -29,9 +29,17 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_vivit_medmnist import VivitMedmnistConfig
 
 
-def check_pixel_values(pixel_values: torch.Tensor, config: VivitMedmnistConfig) -> None:
-    """Raise a ValueError saying what was expected and what came, with a hint for the usual layout mistakes."""
+def check_pixel_values(
+    pixel_values: torch.Tensor, config: VivitMedmnistConfig, any_size: bool = False
+) -> None:
+    """Raise a ValueError saying what was expected and what came, with a hint for the usual layout mistakes.
+    `any_size`: volumes of another size than the config's are fine (`interpolate_pos_encoding=True`) if they hold
+    at least one tubelet along every axis."""
     depth, height, width = config.volume_size
+    if any_size and isinstance(pixel_values, torch.Tensor) and pixel_values.ndim == 5:
+        size = (pixel_values.shape[1], pixel_values.shape[3], pixel_values.shape[4])
+        if pixel_values.shape[2] == config.num_channels and min(config.grid_size_for(size)) >= 1:
+            depth, height, width = size
     channels = config.num_channels
     expected = (depth, channels, height, width)
     expected_text = f"(batch, {depth}, {channels}, {height}, {width}) = (batch, frames=D, channels, H, W)"
@@ -79,23 +87,23 @@ class VivitMedmnistTubeletEmbeddings(nn.Module):
         self.projection = nn.Conv3d(
             config.num_channels, config.hidden_size, kernel_size=config.tubelet_size, stride=config.stride
         )
-        self.grid_size = config.grid_size
+        self.config = config
         self.tubelet_size = config.tubelet_size
         self.as_matmul = config.stride == config.tubelet_size
-        (d0, d1), (h0, h1), (w0, w1) = config.padding_amounts
-        # zero padding of the (batch, D, C, H, W) input, in F.pad's order (last axis first); None for "valid"
-        self.pad = (w0, w1, h0, h1, 0, 0, d0, d1) if any((d0, d1, h0, h1, w0, w1)) else None
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.pad is not None:
-            pixel_values = nn.functional.pad(pixel_values, self.pad)
+        volume_size = (pixel_values.shape[1], pixel_values.shape[3], pixel_values.shape[4])
+        (d0, d1), (h0, h1), (w0, w1) = self.config.padding_amounts_for(volume_size)
+        if any((d0, d1, h0, h1, w0, w1)):  # F.pad's order: last axis first, of (batch, D, C, H, W)
+            pixel_values = nn.functional.pad(pixel_values, (w0, w1, h0, h1, 0, 0, d0, d1))
         if not self.as_matmul:
             # Conv3d wants (batch, C, D, H, W); the output is made contiguous here once, as a transposed layout
             # would propagate through every residual add and cost copies in every block
             embeddings = self.projection(pixel_values.transpose(1, 2))
             return embeddings.flatten(2).transpose(1, 2).contiguous()
 
-        (grid_d, grid_h, grid_w), (size_d, size_h, size_w) = self.grid_size, self.tubelet_size
+        (grid_d, grid_h, grid_w) = self.config.grid_size_for(volume_size)
+        (size_d, size_h, size_w) = self.tubelet_size
         batch_size, _, channels = pixel_values.shape[:3]
         # "valid": the trailing voxels that no tubelet covers are dropped (a view)
         volumes = pixel_values[:, : grid_d * size_d, :, : grid_h * size_h, : grid_w * size_w]
@@ -120,11 +128,35 @@ class VivitMedmnistEmbeddings(nn.Module):
             nn.Dropout(config.hidden_dropout_prob) if config.hidden_dropout_prob > 0 else nn.Identity()
         )
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        self.grid_size = config.grid_size
+
+    def interpolate_pos_encoding(self, grid_size: list[int]) -> torch.Tensor:
+        """The position embeddings resized to a token grid of `grid_size`: trilinear over depth, height and width
+        (`align_corners=False`, as transformers resizes ViT and ViViT positions over height and width); the CLS
+        position is kept. The grid of the config gives the embeddings unchanged."""
+        if list(grid_size) == list(self.grid_size):
+            return self.position_embeddings
+        num_cls = 1 if self.cls_token is not None else 0
+        cls_position, positions = self.position_embeddings.split(
+            [num_cls, self.position_embeddings.shape[1] - num_cls], 1
+        )
+        hidden_size = positions.shape[-1]
+        positions = positions.reshape(1, *self.grid_size, hidden_size).permute(0, 4, 1, 2, 3)
+        positions = nn.functional.interpolate(
+            positions, size=tuple(grid_size), mode="trilinear", align_corners=False
+        )
+        positions = positions.permute(0, 2, 3, 4, 1).reshape(1, -1, hidden_size)
+        return torch.cat((cls_position, positions), dim=1)
+
+    def forward(self, pixel_values: torch.Tensor, grid_size: list[int] | None = None) -> torch.Tensor:
+        """`grid_size`: the token grid of volumes of another size than the config's (`interpolate_pos_encoding`)."""
         embeddings = self.tubelet_embeddings(pixel_values)
         if self.cls_token is not None:
             embeddings = torch.cat((self.cls_token.expand(embeddings.shape[0], -1, -1), embeddings), dim=1)
-        return self.dropout(embeddings + self.position_embeddings)
+        positions = (
+            self.position_embeddings if grid_size is None else self.interpolate_pos_encoding(grid_size)
+        )
+        return self.dropout(embeddings + positions)
 
 
 def eager_attention_forward(
@@ -298,14 +330,24 @@ class VivitMedmnistFactorisedEncoder(nn.Module):
         self.temporal_position_embeddings = nn.Parameter(torch.zeros(1, self.num_frames, config.hidden_size))
         self.temporal = VivitMedmnistEncoder(config, rates[config.num_hidden_layers :])
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
+    def interpolate_pos_encoding(self, num_frames: int) -> torch.Tensor:
+        """The temporal position embeddings resized linearly to `num_frames` slabs (`align_corners=False`)."""
+        if num_frames == self.num_frames:
+            return self.temporal_position_embeddings
+        positions = self.temporal_position_embeddings.transpose(1, 2)
+        positions = nn.functional.interpolate(positions, size=num_frames, mode="linear", align_corners=False)
+        return positions.transpose(1, 2)
+
+    def forward(
+        self, hidden_states: torch.Tensor, num_frames: int | None = None, **kwargs: Unpack[TransformersKwargs]
+    ) -> torch.Tensor:
+        """`num_frames`: the temporal slabs of volumes of another size than the config's."""
+        num_frames = num_frames or self.num_frames
         batch_size, num_tokens, hidden_size = hidden_states.shape
-        slabs = hidden_states.reshape(
-            batch_size * self.num_frames, num_tokens // self.num_frames, hidden_size
-        )
+        slabs = hidden_states.reshape(batch_size * num_frames, num_tokens // num_frames, hidden_size)
         slabs = self.spatial_layernorm(self.spatial(slabs, **kwargs))
-        frames = slabs.mean(dim=1).view(batch_size, self.num_frames, hidden_size)
-        return self.temporal(frames + self.temporal_position_embeddings, **kwargs)
+        frames = slabs.mean(dim=1).view(batch_size, num_frames, hidden_size)
+        return self.temporal(frames + self.interpolate_pos_encoding(num_frames), **kwargs)
 
 
 HEAD_PREFIX = "classifier."
@@ -470,11 +512,17 @@ class VivitMedmnistModel(VivitMedmnistPreTrainedModel):
 
     @capture_outputs(tie_last_hidden_states=False)
     def forward(
-        self, pixel_values: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
+        self,
+        pixel_values: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, D, num_channels, H, W)`):
             The volumes, e.g. from [`VivitMedmnistImageProcessor`] (uint8 / 255).
+        interpolate_pos_encoding (`bool`, *optional*, defaults to `False`):
+            Take volumes of another size than `config.volume_size`: the position embeddings (and the factorised
+            encoder's temporal ones) are resized to their token grid, trilinearly over all three axes.
 
         `output_hidden_states=True` returns the embeddings and the output of every block (before the final
         LayerNorm), `num_hidden_layers + 1` tensors (with `encoder_type="factorised_encoder"`, then also the
@@ -482,12 +530,20 @@ class VivitMedmnistModel(VivitMedmnistPreTrainedModel):
         weights and needs `attn_implementation="eager"` (like every transformers model, SDPA computes no weights:
         it warns and returns none).
         """
-        check_pixel_values(pixel_values, self.config)
+        check_pixel_values(pixel_values, self.config, any_size=interpolate_pos_encoding)
         dtype = self.embeddings.tubelet_embeddings.projection.weight.dtype
         if pixel_values.dtype != dtype:
             pixel_values = pixel_values.to(dtype)
 
-        hidden_states = self.encoder(self.embeddings(pixel_values), **kwargs)
+        grid_size = None  # the config's
+        if interpolate_pos_encoding:
+            grid_size = self.config.grid_size_for(
+                (pixel_values.shape[1], pixel_values.shape[3], pixel_values.shape[4])
+            )
+        embeddings = self.embeddings(pixel_values, grid_size)
+        if self.config.encoder_type == "factorised_encoder" and grid_size is not None:
+            kwargs["num_frames"] = grid_size[0]
+        hidden_states = self.encoder(embeddings, **kwargs)
         sequence_output = self.layernorm(hidden_states)
         if self.config.pooling == "cls":
             pooled_output = sequence_output[:, 0]
@@ -519,6 +575,7 @@ class VivitMedmnistForVideoClassification(VivitMedmnistPreTrainedModel):
         self,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ImageClassifierOutput:
         r"""
@@ -529,10 +586,14 @@ class VivitMedmnistForVideoClassification(VivitMedmnistPreTrainedModel):
             `"single_label_classification"`, also for two classes). Float labels of shape `(batch_size,
             num_labels)` mean multi-label (BCE) as usual in transformers.
 
-        `output_attentions`, `output_hidden_states` and `return_dict` are taken as in every transformers model; see
-        [`VivitMedmnistModel.forward`].
+        interpolate_pos_encoding (`bool`, *optional*, defaults to `False`):
+            Take volumes of another size than `config.volume_size`, see [`VivitMedmnistModel.forward`].
+
+        `output_attentions`, `output_hidden_states` and `return_dict` are taken as in every transformers model.
         """
-        outputs: BaseModelOutputWithPooling = self.vivit(pixel_values, **kwargs)
+        outputs: BaseModelOutputWithPooling = self.vivit(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
+        )
         logits = self.classifier(outputs.pooler_output)
 
         loss = None

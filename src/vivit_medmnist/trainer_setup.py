@@ -42,6 +42,7 @@ from .image_processing_vivit_medmnist import VivitMedmnistImageProcessor
 from .metrics import compute_metrics
 from .modeling_vivit_medmnist import VivitMedmnistForVideoClassification
 from .publishing import publishable_files
+from .resolution import transfer_resolution
 from .safe_io import same_path
 
 logger = logging.getLogger(__name__)
@@ -165,7 +166,9 @@ def build_model(
 
     Fine-tuning keeps the saved architecture: `config_overrides` of `TRAINING_ONLY_FIELDS` apply; another value
     for an architecture field is skipped (with a log line) when it comes from the recipe (`recipe_override_keys`),
-    which describes a model to build, and refused when the user gave it on the command line.
+    which describes a model to build, and refused when the user gave it on the command line. A saved model of
+    another volume size than `size` is transferred to it (`vivit_medmnist.resolution.transfer_resolution`), with
+    the `tubelet_size` override, if any, as its new tubelet size.
 
     `attn_implementation` ("eager", "sdpa", ...) is set on the built model when given.
 
@@ -197,6 +200,9 @@ def _build_model(model_args, label_names, size, recipe_override_keys):
             raise ValueError(f"invalid model configuration: {err}") from err
     try:
         saved = AutoConfig.from_pretrained(path)
+        # another volume size: a resolution transfer, whose tubelet size may change too
+        transfer = list(getattr(saved, "volume_size", [size] * 3)) != [size] * 3
+        tubelet_size = overrides.pop("tubelet_size", None) if transfer else None
         overrides = _fine_tuning_overrides(saved, overrides, recipe_override_keys, path)
         new_head = saved.num_labels != len(label_names)
         model = AutoModelForVideoClassification.from_pretrained(
@@ -208,11 +214,11 @@ def _build_model(model_args, label_names, size, recipe_override_keys):
         raise ValueError(f"--model_name_or_path {path}: cannot load a model: {err}") from err
     if new_head:
         logger.info(f"fine-tuning {path}: a new classification head for {len(label_names)} classes")
-    if list(model.config.volume_size) != [size] * 3:
-        raise ValueError(
-            f"--model_name_or_path {path} expects volumes of size {model.config.volume_size}, the data is "
-            f"{size}^3: pass --size {model.config.volume_size[0]} (position embeddings are per volume size)"
-        )
+    if transfer:
+        try:
+            model = transfer_resolution(model, size, tubelet_size)
+        except ValueError as err:
+            raise ValueError(f"--model_name_or_path {path} to --size {size}: {err}") from err
     return model
 
 
