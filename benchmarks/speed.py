@@ -62,11 +62,11 @@ NUM_LABELS = 11
 VOLUME = 28
 
 
-def native_config_kwargs(defaults: bool = False) -> dict:
+def native_config_kwargs(defaults: bool = False, volume: int = VOLUME) -> dict:
     """The VivitConfig of the native variant (see the module docstring)."""
     kwargs = {
-        "image_size": VOLUME,
-        "num_frames": VOLUME,
+        "image_size": volume,
+        "num_frames": volume,
         "tubelet_size": [8, 8, 8],
         "num_channels": 1,
         "hidden_size": 128,
@@ -82,12 +82,13 @@ def native_config_kwargs(defaults: bool = False) -> dict:
     return kwargs
 
 
-def build_model(variant: str) -> torch.nn.Module:
+def build_model(variant: str, volume: int = VOLUME) -> torch.nn.Module:
     torch.manual_seed(0)
     if variant.startswith("ours"):
         from vivit_medmnist import VivitMedmnistConfig, VivitMedmnistForVideoClassification
 
-        model = VivitMedmnistForVideoClassification(VivitMedmnistConfig(num_labels=NUM_LABELS))
+        config = VivitMedmnistConfig(num_labels=NUM_LABELS, volume_size=volume)
+        model = VivitMedmnistForVideoClassification(config)
         if variant == "ours_eager":
             model.set_attn_implementation("eager")
         if variant == "ours_compiled":
@@ -96,41 +97,57 @@ def build_model(variant: str) -> torch.nn.Module:
     from transformers import VivitConfig, VivitForVideoClassification
 
     return VivitForVideoClassification(
-        VivitConfig(**native_config_kwargs(defaults=variant == "native_defaults"))
+        VivitConfig(**native_config_kwargs(defaults=variant == "native_defaults", volume=volume))
     )
 
 
-def make_batch(batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(
+    batch_size: int, volume: int = VOLUME, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     # (batch, D = frames, C, H, W): the layout both models take
-    pixel_values = torch.rand(batch_size, VOLUME, 1, VOLUME, VOLUME, generator=generator)
+    pixel_values = torch.rand(batch_size, volume, 1, volume, volume, generator=generator)
     labels = torch.randint(0, NUM_LABELS, (batch_size,), generator=generator)
-    return pixel_values, labels
+    return pixel_values.to(device), labels.to(device)
 
 
 class Runner:
-    """One variant: its model, optimizer and batch, and one timed step of either mode."""
+    """One variant: its model, optimizer and batch, and one timed step of either mode (on a GPU, timed up to the
+    end of its kernels; with `bf16`, under bf16 autocast)."""
 
-    def __init__(self, variant: str, batch_size: int):
+    def __init__(
+        self, variant: str, batch_size: int, volume: int = VOLUME, device: str = "cpu", bf16: bool = False
+    ):
         self.variant = variant
-        self.model = build_model(variant)
+        self.device = torch.device(device)
+        self.model = build_model(variant, volume).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
-        self.pixel_values, self.labels = make_batch(batch_size)
+        self.pixel_values, self.labels = make_batch(batch_size, volume, device)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def train_step(self) -> float:
         self.model.train()
+        self._sync()
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.model(pixel_values=self.pixel_values, labels=self.labels).loss
+        with self.autocast:
+            loss = self.model(pixel_values=self.pixel_values, labels=self.labels).loss
         loss.backward()
         self.optimizer.step()
+        self._sync()
         return time.perf_counter() - start
 
     def inference_step(self) -> float:
         self.model.eval()
+        self._sync()
         start = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), self.autocast:
             logits = self.model(pixel_values=self.pixel_values).logits
+        self._sync()
         elapsed = time.perf_counter() - start
         if logits.shape != (len(self.labels), NUM_LABELS):
             raise RuntimeError(f"{self.variant}: unexpected logits shape {tuple(logits.shape)}")
@@ -147,7 +164,7 @@ def measure_speed(variants: list[str], args: argparse.Namespace) -> dict:
     runners = {}
     for variant in variants:
         print(f"building {variant} and warming up ({args.warmup} steps per mode) ...", flush=True)
-        runners[variant] = Runner(variant, args.batch_size)
+        runners[variant] = Runner(variant, args.batch_size, args.volume_size, args.device, args.bf16)
         for mode in MODES:
             for _ in range(args.warmup):
                 runners[variant].step(mode)
@@ -199,14 +216,41 @@ def _rss_mib() -> tuple[float, float]:
     return tuple(int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM"))
 
 
-def memory_child(variant: str, mode: str, batch_size: int, steps: int, threads: int) -> None:
+def measure_gpu_memory(variants: list[str], args: argparse.Namespace) -> dict:
+    """Peak GPU memory (torch.cuda.max_memory_allocated) of `--memory_steps` steps per variant and mode, over what
+    the built model, optimizer and batch hold."""
+    memory = {}
+    for variant in variants:
+        memory[variant] = {}
+        for mode in MODES:
+            runner = Runner(variant, args.batch_size, args.volume_size, args.device, args.bf16)
+            runner.step(mode)  # optimizer state and workspaces exist from the first step on
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated() / 2**20
+            torch.cuda.reset_peak_memory_stats()
+            for _ in range(args.memory_steps):
+                runner.step(mode)
+            peak = torch.cuda.max_memory_allocated() / 2**20
+            memory[variant][mode] = {
+                "rss_before_mib": before,
+                "peak_rss_mib": peak,
+                "added_mib": peak - before,
+            }
+            del runner
+            torch.cuda.empty_cache()
+    return memory
+
+
+def memory_child(
+    variant: str, mode: str, batch_size: int, steps: int, threads: int, volume: int = VOLUME
+) -> None:
     """Run in a fresh process: the resident memory after building, and the peak while stepping, as JSON.
 
     The peak of the import and build phase is cleared first (writing 5 to /proc/self/clear_refs resets VmHWM),
     so that `peak_rss_mib` is the peak of the steps alone and `added_mib` what they added over the built state.
     """
     torch.set_num_threads(threads)
-    runner = Runner(variant, batch_size)
+    runner = Runner(variant, batch_size, volume)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before, _ = _rss_mib()
@@ -233,6 +277,8 @@ def measure_memory(variants: list[str], args: argparse.Namespace) -> dict:
                 str(args.memory_steps),
                 "--threads",
                 str(args.threads),
+                "--volume_size",
+                str(args.volume_size),
             ]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:
@@ -253,6 +299,9 @@ def environment(args: argparse.Namespace) -> dict:
         "processor": platform.processor() or "unknown",
         "cpu_count": os.cpu_count(),
         "torch_threads": args.threads,
+        "device": torch.cuda.get_device_name(args.device)
+        if torch.device(args.device).type == "cuda"
+        else "cpu",
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
     }
 
@@ -292,6 +341,11 @@ def print_table(report: dict) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    parser.add_argument(
+        "--volume_size", type=int, default=VOLUME, help="volume edge (default 28; 8^3 tubelets)"
+    )
+    parser.add_argument("--bf16", action="store_true", help="run every variant under bf16 autocast")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant, mode and round")
     parser.add_argument(
@@ -327,7 +381,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
     if args._memory_child:
-        memory_child(*args._memory_child, args.batch_size, max(args.memory_steps, 1), args.threads)
+        memory_child(
+            *args._memory_child, args.batch_size, max(args.memory_steps, 1), args.threads, args.volume_size
+        )
         return None
     torch.set_num_threads(args.threads)
     variants = ["ours", "native"]
@@ -352,7 +408,10 @@ def main(argv=None) -> dict | None:
         ratios["ours_compiled/native"] = {
             mode: ratio(results, "ours_compiled", "native", mode) for mode in MODES
         }
-    memory = measure_memory(variants, args) if args.memory_steps > 0 else None
+    memory = None
+    if args.memory_steps > 0:
+        on_gpu = torch.device(args.device).type == "cuda"
+        memory = (measure_gpu_memory if on_gpu else measure_memory)(variants, args)
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "json"}
     report = {
         "settings": settings,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -105,3 +106,50 @@ def test_accuracy_benchmark_without_runs_says_what_it_expected(repo_root, tmp_pa
     done = run_accuracy(repo_root, "--output_root", tmp_path, "--summarize_only")
     assert done.returncode != 0
     assert "expected seed_*/all_results.json" in done.stderr
+
+
+def test_gpu_check_dry_run(repo_root, shared_data_dir, tmp_path):
+    # every step of the GPU check, tiny and on the CPU, so that the script is ready when a GPU is
+    out = tmp_path / "gpu_check"
+    done = subprocess.run(  # through the shell wrapper that the GPU machine runs
+        ["bash", str(repo_root / "benchmarks" / "gpu_check.sh"), str(out), str(shared_data_dir), "--dry_run"],
+        capture_output=True, text=True, timeout=1200, check=False, cwd=repo_root,
+        env={**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WHEELS": str(tmp_path / "no_wheels")},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["dry_run"] and report["environment"]["device"] == "cpu"
+    assert report["cuda_tests"]["returncode"] == 0 and "skipped" in report["cuda_tests"]["summary"]
+    for name in ("fp32", "bf16"):
+        run = report["training"][name]
+        assert run["returncode"] == 0 and run["train_runtime_s"] > 0 and 0 <= run["test_accuracy"] <= 1, run
+    assert set(report["speed"]) == {
+        "batch_32",
+        "batch_256",
+        "batch_1024",
+        "batch_1024_bf16",
+        "volume_64_batch_32_bf16",
+    }
+    for name, run in report["speed"].items():
+        assert run["returncode"] == 0, name
+        assert run["results"]["ours"]["train"]["volumes_per_s"] > 0 and run["ratios"]["ours/native"]
+
+
+def test_overhead_benchmark_tiny(repo_root, shared_data_dir, tmp_path):
+    out = tmp_path / "overhead.json"
+    done = subprocess.run(
+        [sys.executable, str(repo_root / "benchmarks" / "overhead.py"), "--output_dir", str(tmp_path / "run"),
+         "--data_dir", str(shared_data_dir), "--json", str(out), "--", "--num_train_epochs", "1",
+         "--max_train_samples", "64", "--max_eval_samples", "16", "--max_test_samples", "16",
+         "--config_overrides", "hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=64"],
+        capture_output=True, text=True, timeout=600, check=False, cwd=repo_root,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["steps"] == 2  # 64 volumes, batch 32, 1 epoch
+    pieces = report["seconds"]
+    assert set(pieces) == {"model step", "data", "validation", "checkpoints", "other"}
+    assert all(value >= 0 for name, value in pieces.items() if name != "other")
+    # the pieces add up to the Trainer's train_runtime ("other" is the rest, small but not negative beyond jitter)
+    assert abs(sum(pieces.values()) - report["train_runtime_s"]) < 1e-6 and pieces["other"] > -0.05
+    assert 0 < report["overhead_fraction"] < 1

@@ -51,6 +51,8 @@ def augment_volume(
     return np.ascontiguousarray(out, dtype=np.uint8)
 
 
+# the options of `augment_volume` that turn an augmentation on (rotation_interpolation only says how)
+AUGMENTATIONS = ("flip_axes", "max_rotation", "max_shift", "intensity_scale", "intensity_shift")
 _INTERPOLATION_ORDER = {"nearest": 0, "linear": 1}  # scipy.ndimage spline orders
 
 
@@ -84,25 +86,37 @@ class AugmentedDataset(torch.utils.data.Dataset):
     Being a function of (seed, epoch, index) only, the augmentation does not depend on which process reads the row,
     on data-loader workers, or on whether the run was resumed. `set_epoch` is called by `EpochCallback` (accelerate's
     data loader calls it too, but not for every sampler set-up, e.g. not under DDP).
+
+    The volumes and labels are read from `dataset` (a `datasets.Dataset` or a sequence of rows) once, into two
+    arrays: reading a row through Arrow costs about as much per step as everything else around the model step
+    (benchmarks/README.md, overhead.py). With no augmentation on, a row's volume is a view of that array.
     """
 
     def __init__(self, dataset, seed: int, **augmentation):
-        self.dataset = dataset
+        if hasattr(dataset, "with_format"):  # a datasets.Dataset: one read of each column
+            columns = dataset.with_format("numpy", dtype=np.uint8)[:]
+            self.volumes, self.labels = columns[VOLUME_COLUMN], columns["label"].astype(np.int64)
+        else:
+            self.volumes = np.stack([np.asarray(row[VOLUME_COLUMN], dtype=np.uint8) for row in dataset])
+            self.labels = np.asarray([row["label"] for row in dataset], dtype=np.int64)
         self.seed = seed
         self.augmentation = augmentation
+        self.augments = any(augmentation.get(key) for key in AUGMENTATIONS)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.volumes)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        row = dict(self.dataset[int(index)])
-        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
-        row[VOLUME_COLUMN] = augment_volume(np.asarray(row[VOLUME_COLUMN]), rng, **self.augmentation)
-        return row
+        index = int(index)
+        volume = self.volumes[index]
+        if self.augments:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            volume = augment_volume(volume, rng, **self.augmentation)
+        return {VOLUME_COLUMN: volume, "label": self.labels[index]}
 
 
 class EpochCallback(TrainerCallback):
