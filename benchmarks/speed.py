@@ -4,6 +4,9 @@
     python benchmarks/speed.py                      # batch 32, 7 interleaved rounds
     python benchmarks/speed.py --compile            # adds torch.compile'd variants of ours
     python benchmarks/speed.py --json bench.json    # also writes every number
+    python benchmarks/speed.py --eager              # adds ours with eager attention (what train.py uses on CPU)
+    python benchmarks/speed.py --device cuda --batch_size 1024 --bf16   # on a GPU, under bf16 autocast
+    python benchmarks/speed.py --volume_size 64     # 64^3 volumes (8^3 tubelets: 512 tokens)
 
 What is measured, in ONE process, on the same random input (batch, 28, 1, 28, 28) float32 and labels:
 
