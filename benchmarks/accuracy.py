@@ -13,9 +13,12 @@ A seed whose folder already holds `all_results.json` is not trained again; one w
 (an interrupted run) is resumed (`--resume_from_checkpoint`). With `--jobs N`, N seeds train at once, each with
 `OMP_NUM_THREADS` = cores / N (on 2 cores, two 1-thread runs get more done than one 2-thread run).
 
-The report, per seed and as mean ± sample standard deviation (ddof = 1) over the seeds, gives the validation
-metrics of the final model (the best checkpoint with `load_best_model_at_end`, which selects on validation
-only) and the test metrics, which train.py computes once, at the end of each run, and which steer nothing.
+The report, per seed and as mean ± sample standard deviation (ddof = 1) over the seeds, gives how the final
+model fits its training split (train.py's `train_eval_*`: loss, accuracy and AUC on the unaugmented training
+volumes) and the training loss of the last epoch (on augmented batches), the validation metrics of the final
+model (the best checkpoint with `load_best_model_at_end`, which selects on validation only) with the mean
+validation AUC over the last 10 epochs, and the test metrics, which train.py computes once, at the end of each
+run, and which steer nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import statistics
 import subprocess
@@ -70,6 +74,9 @@ def train_seed(args, seed: int, threads: int) -> float:
         )
     if done.returncode != 0:
         raise SystemExit(f"seed {seed}: train.py failed with exit code {done.returncode}, see {log_file}")
+    # the largest resident set of any train.py child so far (Linux: KiB); with --jobs 1, this seed's peak
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    say(f"seed {seed}: peak memory of the training processes so far {peak_mib:.0f} MiB (max RSS)")
     return time.perf_counter() - start
 
 
@@ -79,13 +86,38 @@ def load_run(run_dir: Path) -> dict[str, float]:
         raise SystemExit(f"{run_dir}: expected all_results.json from a finished train.py run, found none")
     results = json.loads(results_file.read_text())
     row = {}
-    for split in ("eval", "test"):
+    for split in ("train_eval", "eval", "test"):
         for metric in METRICS:
             key = f"{split}_{metric}"
+            if key not in results and split == "train_eval":
+                continue  # runs from before train.py scored the training split
             if key not in results:
                 raise SystemExit(f"{results_file}: expected the key {key!r}, got {sorted(results)}")
             row[key] = float(results[key])
+    if "train_eval_loss" in results:
+        row["train_eval_loss"] = float(results["train_eval_loss"])
+    row.update(curve_figures(run_dir))
     return row
+
+
+def curve_figures(run_dir: Path) -> dict[str, float]:
+    """From the last checkpoint's log history: the mean validation AUC over the last 10 epochs (a figure that does
+    not depend on picking the best epoch) and the last epoch's training loss (on augmented batches)."""
+    states = sorted(
+        (run_dir / "checkpoints").glob("checkpoint-*/trainer_state.json"),
+        key=lambda p: int(p.parent.name.rsplit("-", 1)[1]),
+    )
+    if not states:
+        return {}
+    history = json.loads(states[-1].read_text())["log_history"]
+    aucs = [entry["eval_auc"] for entry in history if "eval_auc" in entry]
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    figures = {}
+    if aucs:
+        figures["eval_auc_last10"] = statistics.fmean(aucs[-10:])
+    if losses:
+        figures["last_epoch_loss"] = float(losses[-1])
+    return figures
 
 
 def summarize(output_root: Path) -> dict:
@@ -97,7 +129,7 @@ def summarize(output_root: Path) -> dict:
     if not runs:
         raise SystemExit(f"{output_root}: expected seed_*/all_results.json from finished runs, found none")
     summary = {}
-    for key in next(iter(runs.values())):
+    for key in set.intersection(*(set(run) for run in runs.values())):
         values = [run[key] for run in runs.values()]
         summary[key] = {
             "mean": statistics.fmean(values),
@@ -108,9 +140,15 @@ def summarize(output_root: Path) -> dict:
 
 def print_report(report: dict) -> None:
     columns = [f"{split}_{metric}" for split in ("eval", "test") for metric in METRICS]
-    print(
-        "| run | " + " | ".join(c.replace("eval_", "val ").replace("test_", "test ") for c in columns) + " |"
-    )
+    summary = report["summary"]
+    if "eval_auc_last10" in summary:
+        columns.insert(2, "eval_auc_last10")
+    if "train_eval_loss" in summary:  # how well the final model fits its (unaugmented) training split
+        columns = ["train_eval_loss", *(f"train_eval_{metric}" for metric in METRICS), *columns]
+    if "last_epoch_loss" in summary:
+        columns.insert(0, "last_epoch_loss")
+    names = {"last_epoch_": "last epoch's ", "train_eval_": "train ", "eval_": "val ", "test_": "test "}
+    print("| run | " + " | ".join(_header(c, names) for c in columns) + " |")
     print("|---|" + "---:|" * len(columns))
     for name, run in report["runs"].items():
         print(f"| {name} | " + " | ".join(f"{run[c]:.3f}" for c in columns) + " |")
@@ -120,6 +158,11 @@ def print_report(report: dict) -> None:
         + " | ".join(f"{summary[c]['mean']:.3f} ± {summary[c]['std']:.3f}" for c in columns)
         + " |"
     )
+
+
+def _header(column: str, names: dict[str, str]) -> str:
+    prefix = next(p for p in names if column.startswith(p))
+    return names[prefix] + column[len(prefix) :]
 
 
 def main(argv=None) -> None:

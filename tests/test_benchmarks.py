@@ -89,13 +89,24 @@ def test_accuracy_benchmark_tiny(repo_root, shared_data_dir, tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "acc.json").read_text())
     assert list(report["runs"]) == ["seed_3", "seed_4"]
-    for key in ("eval_accuracy", "eval_auc", "test_accuracy", "test_auc"):
+    for key in (
+        "train_eval_accuracy",
+        "train_eval_loss",
+        "eval_accuracy",
+        "eval_auc",
+        "test_accuracy",
+        "test_auc",
+    ):
         values = [
             json.loads((root / seed / "all_results.json").read_text())[key] for seed in ("seed_3", "seed_4")
         ]
         assert report["summary"][key]["mean"] == pytest.approx(sum(values) / 2)
         assert report["summary"][key]["std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
     assert "mean ± std (2)" in done.stdout
+    assert (
+        "| run | train loss | train accuracy | train auc | val accuracy | val auc | test accuracy |"
+        in done.stdout
+    )
 
     again = run_accuracy(repo_root, *args, *tiny)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -153,3 +164,33 @@ def test_overhead_benchmark_tiny(repo_root, shared_data_dir, tmp_path):
     # the pieces add up to the Trainer's train_runtime ("other" is the rest, small but not negative beyond jitter)
     assert abs(sum(pieces.values()) - report["train_runtime_s"]) < 1e-6 and pieces["other"] > -0.05
     assert 0 < report["overhead_fraction"] < 1
+
+
+def test_transfer_check_scores_a_stem_model_before_and_after_scaling(repo_root, shared_data_dir, tmp_path):
+    import torch
+
+    from vivit_medmnist import VivitMedmnistConfig, VivitMedmnistForVideoClassification
+
+    torch.manual_seed(0)
+    config = VivitMedmnistConfig(
+        conv_stem_channels=[4, 8, 16], tubelet_size=1, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, num_labels=2,
+    )  # fmt: skip
+    VivitMedmnistForVideoClassification(config).save_pretrained(tmp_path / "model")
+    out = tmp_path / "transfer.json"
+    done = subprocess.run(
+        [
+            sys.executable, str(repo_root / "benchmarks" / "transfer_check.py"), "--model", str(tmp_path / "model"),
+            "--data_dir", str(shared_data_dir), "--json", str(out),
+        ],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {
+        "at_28", "interpolate", "transfer", "transfer_stem_scale_2_trilinear", "transfer_stem_scale_2_nearest",
+    }  # fmt: skip
+    for metrics in results.values():
+        assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["auc"] <= 1.0
+    # interpolating at run time and transferring without rescaling are the same model
+    assert results["interpolate"] == results["transfer"]

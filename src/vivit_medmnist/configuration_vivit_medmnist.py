@@ -47,6 +47,22 @@ class VivitMedmnistConfig(PreTrainedConfig):
             so 4 voxels per axis are dropped and there are 3^3 = 27 tokens); `"same"` zero-pads the volume so that
             there are `ceil(size / stride)` tubelets per axis and every voxel is covered (padding split as in
             TensorFlow: half before, the odd voxel after).
+        conv_stem_channels (`list[int]`, *optional*):
+            A convolutional stem before the tubelet projection (Xiao et al. 2021, "Early convolutions help
+            transformers see better"): one stage per entry, each a 3x3x3 `Conv3d` with stride 2 and padding 1
+            (no bias) to that many channels, `BatchNorm3d` and ReLU. Each stage halves every axis (rounding up:
+            28 -> 14 -> 7 -> 4), and the tubelets are then cut from the stem's feature map instead of the voxels,
+            with `tubelet_size`, `tubelet_stride` and `padding` meaning the same there. Stacked small kernels
+            see local 3D shape that one linear projection of a large tubelet averages away. E.g. `[32, 64, 128]`
+            with `tubelet_size=1` gives 4 x 4 x 4 = 64 tokens for 28^3 volumes, each with a receptive field that
+            overlaps its neighbours' and covers every voxel. `None` (default) or `[]`: no stem, the reference.
+        conv_stem_scale (`int`, *optional*, defaults to 1):
+            Scales the stem's first convolution by an integer factor `s`: kernel `3s`, stride `2s`, padding `s`
+            (the other stages are unchanged). This is what resolution transfer makes of a stem model moved to
+            volumes `s` times as large (28^3 -> 56^3 or 64^3 with `s = 2`): the first stage's output then has
+            about the size it had before, so the token grid and every later tensor keep their shape, and a
+            volume upsampled `s` times (nearest) gives the original model's features exactly. Also a cheap stem
+            for large volumes from scratch.
         hidden_size (`int`, *optional*, defaults to 128):
             The width of the tokens (the Conv3d filters, the Keras `embed_dim`).
         num_hidden_layers (`int`, *optional*, defaults to 8):
@@ -125,6 +141,8 @@ class VivitMedmnistConfig(PreTrainedConfig):
     tubelet_size: int | list[int] | tuple[int, ...] = 8
     tubelet_stride: int | list[int] | tuple[int, ...] | None = None
     padding: str = "valid"
+    conv_stem_channels: list[int] | tuple[int, ...] | None = None
+    conv_stem_scale: int = 1
     hidden_size: int = 128
     num_hidden_layers: int = 8
     encoder_type: str = "joint"
@@ -148,7 +166,15 @@ class VivitMedmnistConfig(PreTrainedConfig):
         self.tubelet_size = _triple(self.tubelet_size, "tubelet_size")
         if self.tubelet_stride is not None:
             self.tubelet_stride = _triple(self.tubelet_stride, "tubelet_stride")
+        if self.conv_stem_channels is not None:
+            stem = self.conv_stem_channels
+            if not isinstance(stem, (list, tuple)):
+                raise ValueError(f"conv_stem_channels must be a list of positive ints or None, got {stem!r}")
+            for item in stem:
+                _check_positive_int(item, "conv_stem_channels", whole=stem)
+            self.conv_stem_channels = [int(item) for item in stem] or None
         for name in (
+            "conv_stem_scale",
             "num_channels",
             "hidden_size",
             "num_hidden_layers",
@@ -157,10 +183,16 @@ class VivitMedmnistConfig(PreTrainedConfig):
             "intermediate_size",
         ):
             _check_positive_int(getattr(self, name), name)
-        if any(t > v for t, v in zip(self.tubelet_size, self.volume_size)):
-            raise ValueError(
-                f"tubelet_size {self.tubelet_size} is larger than volume_size {self.volume_size} on some axis"
+        if self.conv_stem_scale != 1 and not self.conv_stem_channels:
+            raise ValueError(f"conv_stem_scale {self.conv_stem_scale} needs a conv stem (conv_stem_channels)")
+        feature_size = self.feature_size_for(self.volume_size)
+        if any(t > v for t, v in zip(self.tubelet_size, feature_size)):
+            where = (
+                f"the conv stem's feature map {feature_size} (volume_size {self.volume_size})"
+                if self.conv_stem_channels
+                else f"volume_size {self.volume_size}"
             )
+            raise ValueError(f"tubelet_size {self.tubelet_size} is larger than {where} on some axis")
         if any(s > t for s, t in zip(self.stride, self.tubelet_size)):
             raise ValueError(
                 f"tubelet_stride {self.tubelet_stride} is larger than tubelet_size {self.tubelet_size} on some axis: "
@@ -215,12 +247,23 @@ class VivitMedmnistConfig(PreTrainedConfig):
         """The number of tubelets along D, H and W."""
         return self.grid_size_for(self.volume_size)
 
+    def feature_size_for(self, volume_size: Sequence[int]) -> list[int]:
+        """The size (D, H, W) of what the tubelets are cut from: the volume, or the conv stem's feature map
+        (each stride-2 stage with padding 1 maps `n` voxels to `ceil(n / 2)`; a first stage scaled by `s`, to
+        `(n - s) // 2s + 1`)."""
+        size = [int(n) for n in volume_size]
+        for stage in range(len(self.conv_stem_channels or ())):
+            scale = self.conv_stem_scale if stage == 0 else 1  # kernel 3s, stride 2s, padding s
+            size = [(n + 2 * scale - 3 * scale) // (2 * scale) + 1 for n in size]
+        return size
+
     def padding_amounts_for(self, volume_size: Sequence[int]) -> list[tuple[int, int]]:
-        """`padding_amounts` for volumes of another size (with `interpolate_pos_encoding=True`)."""
+        """`padding_amounts` for volumes of another size (with `interpolate_pos_encoding=True`), in voxels of the
+        conv stem's feature map if there is a stem."""
         if self.padding == "valid":
             return [(0, 0)] * 3
         amounts = []
-        for size, kernel, step in zip(volume_size, self.tubelet_size, self.stride):
+        for size, kernel, step in zip(self.feature_size_for(volume_size), self.tubelet_size, self.stride):
             total = max((math.ceil(size / step) - 1) * step + kernel - size, 0)
             amounts.append((total // 2, total - total // 2))
         return amounts
@@ -230,7 +273,10 @@ class VivitMedmnistConfig(PreTrainedConfig):
         return [
             (size + before + after - kernel) // step + 1
             for size, kernel, step, (before, after) in zip(
-                volume_size, self.tubelet_size, self.stride, self.padding_amounts_for(volume_size)
+                self.feature_size_for(volume_size),
+                self.tubelet_size,
+                self.stride,
+                self.padding_amounts_for(volume_size),
             )
         ]
 

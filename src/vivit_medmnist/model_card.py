@@ -59,7 +59,12 @@ _METRIC_NAMES = {
 
 # Result prefixes -> split. Not "train": the Trainer's train_loss is the running average of the training loss (with
 # dropout), not an evaluation of the training split; it is in the training curves.
-_SPLIT_PREFIXES = {"eval": "validation", "validation": "validation", "test": "test"}
+_SPLIT_PREFIXES = {
+    "eval": "validation",
+    "validation": "validation",
+    "test": "test",
+    "train_eval": "training (no augmentation)",
+}
 
 
 VIVIT_CITATION = """\
@@ -103,6 +108,10 @@ def _split_metrics(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     by_split: dict[str, dict[str, float]] = {}
     for key, value in results.items():
         prefix, _, metric = key.partition("_")
+        if key.startswith(
+            "train_eval_"
+        ):  # train.py's score of the final model on its unaugmented training split
+            prefix, metric = "train_eval", key[len("train_eval_") :]
         if prefix not in _SPLIT_PREFIXES or not metric or _is_timing(key) or metric == "epoch":
             continue
         if isinstance(value, (bool, str)) or not isinstance(value, (int, float, np.number)):
@@ -128,17 +137,32 @@ def describe_model(config) -> str:
     """The card's paragraph on how the model reads a volume, from its config (every encoder type and option)."""
     grid = " × ".join(map(str, config.grid_size))
     overlap = "overlapping" if config.stride != config.tubelet_size else "non-overlapping"
+    feature_size = config.feature_size_for(config.volume_size)
     covered = [(n - 1) * step + k for n, step, k in zip(config.grid_size, config.stride, config.tubelet_size)]
-    unread = [size - c for size, c in zip(config.volume_size, covered)]
+    unread = [size - c for size, c in zip(feature_size, covered)]
+    what = "the stem's feature map" if config.conv_stem_channels else "the volume"
+    unit = "position" if config.conv_stem_channels else "voxel"
     if config.padding == "same":
-        padding = " (the volume zero-padded so that every voxel is covered)"
+        padding = f" ({what} zero-padded so that every {unit} is covered)"
     elif any(unread):
-        padding = f" (no padding: the last {', '.join(map(str, unread))} voxels along D, H, W are never read)"
+        padding = (
+            f" (no padding: the last {', '.join(map(str, unread))} {unit}s along D, H, W are never read)"
+        )
     else:
         padding = ""
     text = (
         f"A {' × '.join(map(str, config.volume_size))} volume is read as a video whose frames are its slices along "
-        f"the first axis. A Conv3d whose kernel is the size of a *tubelet* cuts it into {overlap} "
+        "the first axis. "
+    )
+    if config.conv_stem_channels:
+        stages = len(config.conv_stem_channels)
+        text += (
+            f"A convolutional stem of {stages} stage(s) (3 × 3 × 3 Conv3d with stride 2, BatchNorm, ReLU; channels "
+            f"{', '.join(map(str, config.conv_stem_channels))}{_first_stage(config)}) turns it into a "
+            f"{' × '.join(map(str, feature_size))} feature map (early convolutions, Xiao et al. 2021). "
+        )
+    text += (
+        f"A Conv3d whose kernel is the size of a *tubelet* cuts {what} into {overlap} "
         f'spatio-temporal tubelets{padding}, a {grid} grid, and embeds each as one token ("tubelet embedding", '
         "ViViT §3.2); learned position embeddings are added. "
     )
@@ -158,6 +182,11 @@ def describe_model(config) -> str:
         )
     pooled = "the final state of the CLS token" if config.pooling == "cls" else "the mean over the tokens"
     return text + f"A final LayerNorm, {pooled} and a linear layer give one logit per class."
+
+
+def _first_stage(config) -> str:
+    scale = config.conv_stem_scale
+    return f"; the first {3 * scale}³ with stride {2 * scale}" if scale != 1 else ""
 
 
 def _architecture(model) -> list[tuple[str, str]]:
@@ -192,11 +221,23 @@ def _architecture(model) -> list[tuple[str, str]]:
         f"attention dropout {config.attention_probs_dropout_prob:g}, hidden dropout "
         f"{config.hidden_dropout_prob:g}, stochastic depth {config.drop_path_rate:g}"
     )
-    return [
+    rows = [
         (
             "Input",
             f"{d} × {h} × {w} volume, {config.num_channels} channel(s): a video of {d} frames of {h} × {w}",
-        ),
+        )
+    ]
+    if config.conv_stem_channels:
+        feature = " × ".join(map(str, config.feature_size_for(config.volume_size)))
+        channels = " → ".join(map(str, [config.num_channels, *config.conv_stem_channels]))
+        rows.append(
+            (
+                "Conv stem",
+                f"3×3×3 Conv3d stride 2 + BatchNorm + ReLU per stage{_first_stage(config)}; channels {channels}; "
+                + f"{feature} map",
+            )
+        )
+    return rows + [
         ("Tubelet embedding", embedding),
         ("Position embedding", positions),
         ("Encoder", encoder),
@@ -274,7 +315,7 @@ def build_model_card(
         {m for split in by_split.values() for m in split},
         key=lambda m: (metrics_order.index(m) if m in metrics_order else len(metrics_order), m),
     )
-    splits = [s for s in ("test", "validation") if s in by_split]
+    splits = [s for s in ("test", "validation", "training (no augmentation)") if s in by_split]
     results_rows = [
         [_METRIC_NAMES.get(m, m.replace("_", " "))]
         + [_format(by_split[s][m]) if m in by_split[s] else "–" for s in splits]

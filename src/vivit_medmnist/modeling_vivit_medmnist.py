@@ -73,27 +73,59 @@ def check_pixel_values(
     raise ValueError(f"expected pixel_values of shape {expected_text}, got {shape}{hint}")
 
 
+class VivitMedmnistConvStem(nn.Sequential):
+    """(batch, C, D, H, W) -> (batch, conv_stem_channels[-1], ceil(D / 2^k), ...): k stages of 3x3x3 Conv3d with
+    stride 2 -> BatchNorm3d -> ReLU (`config.conv_stem_channels`; Xiao et al. 2021's early convolutions, in 3D).
+    The first stage's kernel, stride and padding are scaled by `config.conv_stem_scale`."""
+
+    def __init__(self, config: VivitMedmnistConfig):
+        stages = []
+        in_channels = config.num_channels
+        for stage, out_channels in enumerate(config.conv_stem_channels):
+            scale = config.conv_stem_scale if stage == 0 else 1  # see VivitMedmnistConfig.conv_stem_scale
+            stages += [
+                nn.Conv3d(
+                    in_channels,
+                    out_channels,
+                    kernel_size=3 * scale,
+                    stride=2 * scale,
+                    padding=scale,
+                    bias=False,
+                ),
+                nn.BatchNorm3d(out_channels),
+                nn.ReLU(),
+            ]
+            in_channels = out_channels
+        super().__init__(*stages)
+
+
 class VivitMedmnistTubeletEmbeddings(nn.Module):
     """(batch, D, C, H, W) -> (batch, num_tokens, hidden_size): a Conv3d over tubelets (Keras: `TubeletEmbedding`).
 
     Non-overlapping tubelets (stride = tubelet size, the reference) are one matmul of the flattened tubelets with
     the Conv3d kernel: the same parameters and, up to float rounding, the same result as the convolution, on every
     device, without the convolution's overhead for a kernel that is also its stride. Overlapping tubelets go
-    through `nn.Conv3d`.
+    through `nn.Conv3d`. With `config.conv_stem_channels`, the tubelets are cut from the stem's feature map.
     """
 
     def __init__(self, config: VivitMedmnistConfig):
         super().__init__()
+        self.conv_stem = VivitMedmnistConvStem(config) if config.conv_stem_channels else None
+        in_channels = config.conv_stem_channels[-1] if config.conv_stem_channels else config.num_channels
         self.projection = nn.Conv3d(
-            config.num_channels, config.hidden_size, kernel_size=config.tubelet_size, stride=config.stride
+            in_channels, config.hidden_size, kernel_size=config.tubelet_size, stride=config.stride
         )
         self.config = config
         self.tubelet_size = config.tubelet_size
-        self.as_matmul = config.stride == config.tubelet_size
+        self.as_matmul = config.stride == config.tubelet_size and self.conv_stem is None
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         volume_size = (pixel_values.shape[1], pixel_values.shape[3], pixel_values.shape[4])
         (d0, d1), (h0, h1), (w0, w1) = self.config.padding_amounts_for(volume_size)
+        if self.conv_stem is not None:
+            features = self.conv_stem(pixel_values.transpose(1, 2))  # Conv3d layout (batch, C, D, H, W)
+            features = nn.functional.pad(features, (w0, w1, h0, h1, d0, d1))
+            return self.projection(features).flatten(2).transpose(1, 2).contiguous()
         if any((d0, d1, h0, h1, w0, w1)):  # F.pad's order: last axis first, of (batch, D, C, H, W)
             pixel_values = nn.functional.pad(pixel_values, (w0, w1, h0, h1, 0, 0, d0, d1))
         if not self.as_matmul:
@@ -435,6 +467,8 @@ class VivitMedmnistPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm3d):  # the conv stem's: Keras' defaults are torch's
+            super()._init_weights(module)
         elif isinstance(module, VivitMedmnistEmbeddings):
             init.uniform_(module.position_embeddings, -0.05, 0.05)  # keras.layers.Embedding's default
             if module.cls_token is not None:

@@ -23,6 +23,15 @@ What changes shape, and how:
   tubelets.
 
 Every other tensor is copied unchanged, and none is initialised anew.
+
+A model with a convolutional stem (`conv_stem_channels`): its 3³ kernels slide over any size, but at 64³ they see
+structures at 2.3 times their 28³ size, and copied as they are, they give other features (a 28³ AdrenalMNIST3D
+model copied to 64³ predicted one class for every validation volume). With `conv_stem_scale=s` the stem's first
+convolution gets kernel 3s, stride 2s and padding s, its kernel resized by the same pseudo-inverse resize: with
+`kernel_interpolation="nearest"`, a volume upsampled s times by nearest neighbour gives exactly the original
+model's first feature map, so every later stage, the token grid and the position embeddings stay as they were
+(28³ → 56³ with s = 2 gives the original logits; 64³ gives a 16³ map where 56³ gives 14³, hence the same 4³
+grid after two more stages, with positions resized where the grid changes).
 """
 
 from __future__ import annotations
@@ -45,9 +54,11 @@ def transfer_resolution(
     volume_size: int | list[int],
     tubelet_size: int | list[int] | None = None,
     kernel_interpolation: str = "trilinear",
+    conv_stem_scale: int | None = None,
 ):
     """A copy of `model` (a `VivitMedmnistModel` or `...ForVideoClassification`) for volumes of `volume_size`,
-    with tubelets of `tubelet_size` (default: unchanged); see the module docstring. Logs the resized tensors."""
+    with tubelets of `tubelet_size` and, for a model with a conv stem, its first convolution scaled by
+    `conv_stem_scale` (defaults: unchanged); see the module docstring. Logs the resized tensors."""
     old = model.config
     if old.tubelet_stride is not None and old.tubelet_stride != old.tubelet_size:
         raise ValueError(
@@ -56,9 +67,12 @@ def transfer_resolution(
         )
     if kernel_interpolation not in ("trilinear", "nearest"):
         raise ValueError(f"kernel_interpolation must be trilinear or nearest, got {kernel_interpolation!r}")
+    if conv_stem_scale is not None and not old.conv_stem_channels:
+        raise ValueError("conv_stem_scale applies to a model with a conv stem; this one has none")
     changes = {
         "volume_size": volume_size,
         "tubelet_size": old.tubelet_size if tubelet_size is None else tubelet_size,
+        "conv_stem_scale": old.conv_stem_scale if conv_stem_scale is None else conv_stem_scale,
     }
     config = VivitMedmnistConfig.from_dict({**old.to_dict(), **changes})
     config._attn_implementation = old._attn_implementation
@@ -77,6 +91,10 @@ def transfer_resolution(
             state[name] = _resize_positions_1d(tensor, config.grid_size[0])
         elif name.endswith("tubelet_embeddings.projection.weight"):
             state[name] = pseudo_inverse_resize(tensor, config.tubelet_size, kernel_interpolation)
+        elif name.endswith("tubelet_embeddings.conv_stem.0.weight"):  # the stem's first convolution
+            state[name] = pseudo_inverse_resize(
+                tensor, [3 * config.conv_stem_scale] * 3, kernel_interpolation
+            )
         else:
             raise ValueError(
                 f"{name}: shape {tuple(tensor.shape)} would change to {tuple(target[name].shape)}"
@@ -84,9 +102,10 @@ def transfer_resolution(
         if not torch.equal(state[name], tensor) or state[name].shape != tensor.shape:
             resized.append(f"{name} {tuple(tensor.shape)} -> {tuple(state[name].shape)}")
     new.load_state_dict(state, strict=True)
+    stem = f", stem scale {old.conv_stem_scale} -> {config.conv_stem_scale}" if old.conv_stem_channels else ""
     logger.info(
         f"resolution transfer {old.volume_size} -> {config.volume_size} (tubelets {old.tubelet_size} -> "
-        f"{config.tubelet_size}): resized {'; '.join(resized) or 'nothing'}; every other tensor copied"
+        f"{config.tubelet_size}{stem}): resized {'; '.join(resized) or 'nothing'}; every other tensor copied"
     )
     return new.train(model.training)
 

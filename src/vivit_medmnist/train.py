@@ -63,14 +63,22 @@ def main(argv=None):
     train_metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
     train_seconds = time.perf_counter() - start
     eval_metrics = trainer.evaluate()  # the final model (the best one with --load_best_model_at_end)
+    # Does the final model fit its training data? The training split without augmentation: train_eval_*.
+    fit_metrics = trainer.evaluate(data["train"], metric_key_prefix="train_eval")
     test = trainer.predict(data["test"], metric_key_prefix="test")  # the only look at the test set
-    for split, metrics in (("train", train_metrics), ("eval", eval_metrics), ("test", test.metrics)):
+    splits = (
+        ("train", train_metrics),
+        ("train_eval", fit_metrics),
+        ("eval", eval_metrics),
+        ("test", test.metrics),
+    )
+    for split, metrics in splits:
         trainer.log_metrics(split, metrics)
 
     if trainer.is_world_process_zero():
         # Written in a staging folder, then renamed into output_dir: a crash leaves the old files whole.
         with staged_files(run.output_dir) as staging:
-            results = save_results(staging, train=train_metrics, eval=eval_metrics, test=test.metrics)
+            results = save_results(staging, **dict(splits))
             logits = test.predictions[0] if isinstance(test.predictions, tuple) else test.predictions
             save_publishable_folder(
                 staging,

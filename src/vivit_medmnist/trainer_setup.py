@@ -168,7 +168,7 @@ def build_model(
     for an architecture field is skipped (with a log line) when it comes from the recipe (`recipe_override_keys`),
     which describes a model to build, and refused when the user gave it on the command line. A saved model of
     another volume size than `size` is transferred to it (`vivit_medmnist.resolution.transfer_resolution`), with
-    the `tubelet_size` override, if any, as its new tubelet size.
+    the `tubelet_size` and `conv_stem_scale` overrides, if any, as its new tubelet size and stem scale.
 
     `attn_implementation` ("eager", "sdpa", ...) is set on the built model when given.
 
@@ -202,7 +202,11 @@ def _build_model(model_args, label_names, size, recipe_override_keys):
         saved = AutoConfig.from_pretrained(path)
         # another volume size: a resolution transfer, whose tubelet size may change too
         transfer = list(getattr(saved, "volume_size", [size] * 3)) != [size] * 3
-        tubelet_size = overrides.pop("tubelet_size", None) if transfer else None
+        transfer_args = (
+            {key: overrides.pop(key) for key in ("tubelet_size", "conv_stem_scale") if key in overrides}
+            if transfer
+            else {}
+        )
         overrides = _fine_tuning_overrides(saved, overrides, recipe_override_keys, path)
         new_head = saved.num_labels != len(label_names)
         model = AutoModelForVideoClassification.from_pretrained(
@@ -216,7 +220,7 @@ def _build_model(model_args, label_names, size, recipe_override_keys):
         logger.info(f"fine-tuning {path}: a new classification head for {len(label_names)} classes")
     if transfer:
         try:
-            model = transfer_resolution(model, size, tubelet_size)
+            model = transfer_resolution(model, size, **transfer_args)
         except ValueError as err:
             raise ValueError(f"--model_name_or_path {path} to --size {size}: {err}") from err
     return model
