@@ -5,14 +5,18 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # Extra options for the training run, e.g. `make train ARGS="--num_train_epochs 5"`.
 ARGS   ?=
+# A failed step fails the target, also inside a pipe (the pip lines filter a warning through grep).
+SHELL  := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
 
 .PHONY: venv train test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "is ignored: it is neither" || true
-	$(BIN)/python -m pip install --quiet -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
-	$(BIN)/python -c "import vivit_medmnist, transformers, datasets, medmnist, accelerate" 
+	$(BIN)/python -m pip install --quiet --upgrade pip 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	$(BIN)/python -m pip install --quiet -e '.[dev]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	# every import the suite needs, the extras included: a missing one fails here, not as a skipped test
+	$(BIN)/python -c "import vivit_medmnist, transformers, datasets, medmnist, accelerate, nibabel, xdist"
 	touch $@
 
 venv: $(STAMP)

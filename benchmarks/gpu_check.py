@@ -69,7 +69,8 @@ def environment() -> dict:
 
 
 def cuda_tests(out: Path) -> dict:
-    result = run([sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider"],
+    result = run([sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider",
+                  "-o", "addopts="],  # not the suite's parallel workers (pytest-xdist is not on the GPU machine)
                  out / "cuda_tests.log", timeout=900)  # fmt: skip
     result["summary"] = (out / "cuda_tests.log").read_text().strip().splitlines()[-1]
     return result

@@ -372,7 +372,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--_memory_child", nargs=2, metavar=("VARIANT", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.tiny:
-        args.batch_size, args.rounds, args.steps, args.warmup, args.memory_steps = 2, 1, 1, 0, 1
+        args.batch_size, args.rounds, args.steps, args.warmup = 2, 1, 1, 0
+        args.memory_steps = min(args.memory_steps, 1)  # an explicit --memory_steps 0 skips the children
     for name in ("batch_size", "rounds", "steps", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")

@@ -10,8 +10,9 @@ class 0 has none; classes are balanced, so chance is accuracy 0.5 / AUC 0.5. Tub
 than the bulge adds, so the voxel count alone separates the classes only weakly: the script prints that
 baseline (the AUC of the foreground voxel count on validation) as the floor a model must beat by seeing shape.
 
-Each option (a set of `VivitMedmnistConfig` fields, see OPTIONS) is trained from scratch with the same plain loop:
-AdamW (lr 5e-4, weight decay 0.05), cosine schedule with 5 % warm-up, batch 32, each batch in a random one of
+Each option (a set of `VivitMedmnistConfig` fields, see OPTIONS) is trained from scratch with the same plain loop,
+with the CPU speed choices train.py makes (`vivit_medmnist.cpu_speed`: bf16 autocast where the CPU has native
+bf16): AdamW (lr 5e-4, weight decay 0.05), cosine schedule with 5 % warm-up, batch 32, each batch in a random one of
 the cube's 48 symmetries (label-safe here, and it keeps models from memorising the volumes), no label smoothing, for `--epochs` epochs on `--train` volumes, then scored on `--val` fresh volumes. It reports the last
 epoch's training loss and accuracy (does the option fit?), the validation accuracy and AUC (does it
 generalise?), parameters and seconds per epoch on this machine. A model that cannot see the bulge stays near
@@ -31,6 +32,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from vivit_medmnist import VivitMedmnistConfig, VivitMedmnistForVideoClassification
+from vivit_medmnist.cpu_speed import autocast_for, speed_up_for_cpu, use_bf16
 
 # name -> config fields on top of the default (the Keras reference): the options of issue 14.
 OPTIONS: dict[str, dict] = {
@@ -49,11 +51,13 @@ OPTIONS: dict[str, dict] = {
 }
 
 
-def make_tubes(num: int, seed: int, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
-    """`num` volumes (uint8, 0/255, shape (num, size, size, size)) and balanced labels (1: the tube bulges)."""
+def make_tubes(num: int, seed: int, size: int = 28, with_bulges: bool = False):
+    """`num` volumes (uint8, 0/255, shape (num, size, size, size)) and balanced labels (1: the tube bulges); with
+    `with_bulges`, also each volume's bulge (bool, the blob's voxels; empty for class 0): where the evidence is."""
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"), -1).astype(np.float32)
     volumes = np.zeros((num, size, size, size), dtype=np.uint8)
+    bulges = np.zeros((num, size, size, size), dtype=bool)
     labels = np.arange(num) % 2
     rng.shuffle(labels)
     t = np.linspace(0.0, 1.0, 200)[:, None]
@@ -77,9 +81,10 @@ def make_tubes(num: int, seed: int, size: int = 28) -> tuple[np.ndarray, np.ndar
             side /= np.linalg.norm(side) + 1e-6
             centre = curve[k] + side * radius
             blob = rng.uniform(1.6, 2.4) + 0.5 * radius
-            mask |= ((grid - centre) ** 2).sum(-1) <= blob**2
+            bulges[i] = ((grid - centre) ** 2).sum(-1) <= blob**2
+            mask |= bulges[i]
         volumes[i] = mask * 255
-    return volumes, labels
+    return (volumes, labels, bulges) if with_bulges else (volumes, labels)
 
 
 def symmetries(volumes: torch.Tensor) -> torch.Tensor:
@@ -96,13 +101,15 @@ def count_baseline_auc(train: np.ndarray, train_y, val: np.ndarray, val_y) -> fl
     return float(roc_auc_score(val_y, sign * (val > 0).sum((1, 2, 3))))
 
 
-def train_option(name: str, fields: dict, data, epochs: int, seed: int) -> dict:
+def train_option(name: str, fields: dict, data, epochs: int, seed: int, return_model: bool = False):
+    """Train and score one option (see the module docstring); with `return_model`, (result, trained model)."""
     (train_x, train_y), (val_x, val_y) = data
     torch.manual_seed(seed)
     config = VivitMedmnistConfig(num_labels=2, **fields)
-    config._attn_implementation = "eager"  # what train.py picks on CPU
     model = VivitMedmnistForVideoClassification(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
+    speed_up_for_cpu(model)  # what train.py does on CPU, with bf16 autocast where the CPU has native bf16
+    bf16 = use_bf16("auto", "cpu")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05, fused=True)
     steps = epochs * math.ceil(len(train_x) / 32)
     warmup = max(1, int(0.05 * steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -119,7 +126,8 @@ def train_option(name: str, fields: dict, data, epochs: int, seed: int) -> dict:
         losses, correct = [], 0
         for batch in torch.randperm(len(train_x)).split(32):
             volumes = symmetries(train_x[batch]).float().div_(255)
-            out = model(pixel_values=volumes, labels=train_y[batch])
+            with autocast_for("cpu", bf16):
+                out = model(pixel_values=volumes, labels=train_y[batch])
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -129,10 +137,10 @@ def train_option(name: str, fields: dict, data, epochs: int, seed: int) -> dict:
             correct += (out.logits.argmax(-1) == train_y[batch]).sum().item()
     seconds = time.perf_counter() - start
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast_for("cpu", bf16):
         logits = torch.cat([model(pixel_values=chunk.float().div_(255)).logits for chunk in val_x.split(64)])
-    probs = logits.softmax(-1)[:, 1].numpy()
-    return {
+    probs = logits.float().softmax(-1)[:, 1].numpy()
+    result = {
         "option": name,
         "config": fields,
         "parameters": model.num_parameters(),
@@ -142,7 +150,9 @@ def train_option(name: str, fields: dict, data, epochs: int, seed: int) -> dict:
         "train_acc_last_epoch": correct / len(train_x),
         "val_acc": float(((probs > 0.5) == val_y.numpy()).mean()),
         "val_auc": float(roc_auc_score(val_y.numpy(), probs)),
+        "precision": "bf16" if bf16 else "fp32",
     }
+    return (result, model) if return_model else result
 
 
 def main(argv=None) -> dict:

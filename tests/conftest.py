@@ -1,4 +1,8 @@
-"""Shared fixtures: where the real MedMNIST files live, and quiet, reproducible torch."""
+"""Shared fixtures: where the real MedMNIST files live, and quiet, reproducible torch.
+
+The suite runs in parallel workers (`-n auto`, pytest-xdist); each worker and the scripts it starts get an equal
+share of the cores as torch threads, so that workers do not oversubscribe the machine.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+os.environ["OMP_NUM_THREADS"] = str(_THREADS)  # the subprocesses the tests start
+torch.set_num_threads(_THREADS)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("VIVIT_MEDMNIST_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))

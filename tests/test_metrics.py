@@ -29,7 +29,13 @@ def test_binary_auc_is_rank_based_not_threshold_based():
     # every volume predicted class 0 (accuracy 1/2) but the positive ones ranked higher: AUC 1
     p1 = np.array([0.1, 0.2, 0.3, 0.4])
     metrics = compute_metrics((logits_for(np.stack([1 - p1, p1], 1)), np.array([[0], [0], [1], [1]])))
-    assert metrics == {"accuracy": pytest.approx(0.5), "auc": pytest.approx(1.0)}
+    assert metrics == {
+        "accuracy": pytest.approx(0.5),
+        "auc": pytest.approx(1.0),
+        # confidences 0.9, 0.8 (right), 0.7, 0.6 (wrong): |1-0.9|, |1-0.8|, |0-0.7|, |0-0.6| in four bins
+        "ece": pytest.approx((0.1 + 0.2 + 0.7 + 0.6) / 4),
+        "brier": pytest.approx(np.mean([2 * 0.1**2, 2 * 0.2**2, 2 * 0.7**2, 2 * 0.6**2])),
+    }
 
 
 def test_multiclass_auc_is_mean_one_vs_rest():

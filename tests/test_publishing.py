@@ -1,4 +1,4 @@
-"""The publishable folder: files, model card, plots, allow-list, pickle detection and the load-without-package check.
+"""The publishable folder: files, model card, plots, what is published, pickle detection and the load-without-package check.
 
 A tiny model built here (no training) is saved with `save_publishable_folder`; `tests/test_scripts.py` checks the
 folder of a real training run.
@@ -24,7 +24,6 @@ from vivit_medmnist import (
 )
 from vivit_medmnist.model_folder import save_publishable_folder
 from vivit_medmnist.publishing import (
-    PUBLISH_ALLOW_PATTERNS,
     REPO_ID_PLACEHOLDER,
     check_folder,
     find_pickled_files,
@@ -45,6 +44,7 @@ EXPECTED_FILES = {
     "modeling_vivit_medmnist.py",
     "pipeline_vivit_medmnist.py",
     "preprocessor_config.json",
+    "reliability_diagram.png",
     "training_curves.png",
 }
 LOG_HISTORY = [
@@ -298,11 +298,10 @@ def add_training_leftovers(folder: Path) -> None:
     (folder / "all_results.json").write_text(json.dumps({"test_accuracy": 0.6173}))
 
 
-def test_allow_list_excludes_checkpoints_and_pickles(tmp_path):
+def test_publishable_files_exclude_checkpoints_and_pickles(tmp_path):
     make_folder(tmp_path)
     add_training_leftovers(tmp_path)
     assert publishable_files(tmp_path) == sorted(EXPECTED_FILES | {"test_results.json", "all_results.json"})
-    assert "*.safetensors" in PUBLISH_ALLOW_PATTERNS and "*results.json" in PUBLISH_ALLOW_PATTERNS
 
 
 def test_find_pickled_files_reads_content_not_names(tmp_path):
@@ -371,11 +370,11 @@ def test_check_folder_catches_code_that_needs_the_package(tmp_path):
 def test_check_folder_reports_missing_and_pickled_files(tmp_path):
     make_folder(tmp_path)
     (tmp_path / "model.safetensors").unlink()
-    (tmp_path / "evil_results.json").write_bytes(pickle.dumps(object))
+    (tmp_path / "test_results.json").write_bytes(pickle.dumps(object))  # a published name, pickled content
     check = check_folder(tmp_path)  # no load check is attempted on such a folder
     assert check.load_report is None
     assert any("missing model.safetensors" in p for p in check.problems)
-    assert any("evil_results.json" in p for p in check.problems)
+    assert any("test_results.json" in p for p in check.problems)
     with pytest.raises(ValueError, match="not ready to publish"):
         check.raise_for_problems()
 

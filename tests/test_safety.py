@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_publishing import make_folder, tiny_model
-from test_scripts import Trap, run_script
+from test_scripts import Trap, load_script, run_script
 
 from vivit_medmnist import VivitMedmnistImageProcessor, VivitMedmnistModel
 from vivit_medmnist.data import load_medmnist3d
@@ -89,6 +89,28 @@ def tiny_train(data_dir: Path, output_dir: Path, *extra: str) -> subprocess.Comp
         "--disable_tqdm", "true", "--report_to", "none", *extra,
         timeout=600,
     )  # fmt: skip
+
+
+def tiny_train_in_process(data_dir: Path, output_dir: Path, capsys, *extra: str) -> subprocess.CompletedProcess:
+    """`tiny_train` through train.py's `main` in this process, as a CompletedProcess (the exit status of its
+    SystemExit, what it printed)."""
+    argv = [
+        "--dataset_name", "adrenalmnist3d", "--data_dir", str(data_dir), "--output_dir", str(output_dir),
+        "--config_overrides", TINY_MODEL, "--max_train_samples", "32", "--max_eval_samples", "16",
+        "--max_test_samples", "16", "--per_device_train_batch_size", "16", "--num_train_epochs", "1",
+        "--disable_tqdm", "true", "--report_to", "none", *map(str, extra),
+    ]  # fmt: skip
+    capsys.readouterr()
+    try:
+        load_script("train").main(argv)
+        status = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+        status = code if isinstance(code, int) else 1
+        if isinstance(code, str):
+            print(code, file=sys.stderr)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, status, captured.out, captured.err)
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +369,7 @@ def test_the_loader_names_a_member_that_is_not_an_array(tmp_path, monkeypatch):
         (["--max_test_samples", "-5"], 2, "--max_test_samples must be a positive number of volumes, got -5"),
         (["--num_epochs", "3"], 2, "unrecognized arguments: --num_epochs 3"),
         (["--push_to_hub", "true"], 2, "--push_to_hub would upload the Trainer's checkpoint folder"),
-        (["--config_overrides", "volume_size=32"], 1, "volume_size comes from the data: use --size"),
+        (["--config_overrides", "volume_size=32"], 2, "volume_size comes from the data: use --size"),
         (["--flip_axes", "3"], 2, "--flip_axes takes volume axes 0 (D), 1 (H) and 2 (W), got [3]"),
         (["--max_shift", "-1"], 2, "--max_shift must be in [0, 27], got -1"),
         (["--max_rotation", "-5"], 2, "--max_rotation must be in [0, 180], got -5.0"),
@@ -358,10 +380,12 @@ def test_the_loader_names_a_member_that_is_not_an_array(tmp_path, monkeypatch):
     ],
 )
 def test_train_option_mistakes_end_with_one_error_and_write_nothing(
-    shared_data_dir, tmp_path, args, status, message
+    shared_data_dir, tmp_path, capsys, args, status, message
 ):
+    # in-process: the command's logic, without an interpreter start-up per case (the command line itself is
+    # tested as a subprocess in test_train_output_dir_that_is_a_file and test_train_refuses_*)
     out = tmp_path / "out"
-    proc = tiny_train(shared_data_dir, out, *args)
+    proc = tiny_train_in_process(shared_data_dir, out, capsys, *args)
     assert_user_error(proc, message, status=status)
     assert not out.exists()
 

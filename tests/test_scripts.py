@@ -146,6 +146,8 @@ def test_evaluate_validation_split_uses_eval_prefix_and_the_model_logits(folder,
             str(output),
             "--per_device_eval_batch_size",
             "40",
+            "--precision",
+            "fp32",  # as the direct model call below
         ]
     )
     got = json.loads(output.read_text())
@@ -256,6 +258,8 @@ def test_predict_labels_npy_and_npz_like_a_direct_model_call(folder, tmp_path):
         2,
         "--output_file",
         output,
+        "--precision",
+        "fp32",  # as the direct model call below (auto would use bf16 on a CPU with native bf16)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = json.loads(output.read_text())
@@ -271,6 +275,8 @@ def test_predict_labels_npy_and_npz_like_a_direct_model_call(folder, tmp_path):
     ]
     names = ["normal", "hyperplasia"]
     lines = proc.stdout.strip().splitlines()
+    assert lines[0] == "probabilities: raw softmax (the model has no calibration_temperature)"
+    lines = lines[1:]
     assert len(lines) == len(records)
     for record, volume, line in zip(records, expected_volumes, lines):
         probabilities = direct_probabilities(volume)[0]
@@ -291,7 +297,7 @@ def test_predict_key_selects_one_array(folder, tmp_path, capsys):
     load_script("predict").main(
         ["--model_name_or_path", str(folder), str(tmp_path / "two.npz"), "--key", "b"]
     )
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = capsys.readouterr().out.strip().splitlines()[1:]  # after the line saying how probabilities are made
     assert [line.split(":")[0] for line in lines] == [
         f"{tmp_path / 'two.npz'}[b][0]",
         f"{tmp_path / 'two.npz'}[b][1]",

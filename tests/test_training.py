@@ -220,8 +220,9 @@ def test_ddp_two_processes_keep_the_loss_scale(shared_data_dir, tmp_path):
     # 16 volumes, so the logged losses and gradient norms must coincide. The loss-scaling trap (mean loss per
     # process, multiplied by the world size) doubles the loss; two processes that each train alone log
     # world_size=1.
+    # float32: bf16 (the default on a CPU with native bf16) rounds the two runs' sums differently
     common = ["--config_overrides", TINY_MODEL + ",attention_probs_dropout_prob=0", "--num_train_epochs", "1",
-              "--eval_strategy", "epoch", "--save_strategy", "epoch"]  # fmt: skip
+              "--eval_strategy", "epoch", "--save_strategy", "epoch", "--bf16", "false"]  # fmt: skip
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
     launch = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -268,20 +269,20 @@ def test_missing_data_offline_exits_with_the_message(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "args, status, message",
     [
         (
             ["--dataset_name", "brainmnist3d"],
+            1,
             "Unknown MedMNIST 3D dataset 'brainmnist3d'; expected one of: organmnist3d",
         ),
-        (["--model_name_or_path", "{tmp}"], "cannot load a model"),
-        (["--resume_from_checkpoint"], "no checkpoint-* folder"),
-        (["--resume_from_checkpoint", "{tmp}/nowhere"], "is not a checkpoint folder"),
-        (["--config_overrides", "hidden_size=abc"], "hidden_size"),
-        (["--config_overrides", "hiden_size=64"], "'hiden_size=64' is not 'field=value'"),
+        (["--model_name_or_path", "{tmp}"], 1, "cannot load a model"),
+        (["--resume_from_checkpoint", "{tmp}/nowhere"], 1, "is not a checkpoint folder"),
+        (["--config_overrides", "hidden_size=abc"], 2, "hidden_size"),
+        (["--config_overrides", "hiden_size=64"], 2, "'hiden_size=64' is not 'field=value'"),
     ],
 )
-def test_bad_arguments_fail_clearly(train_main, shared_data_dir, tmp_path, args, message):
+def test_bad_arguments_fail_clearly(train_main, shared_data_dir, tmp_path, capsys, args, status, message):
     args = [arg.format(tmp=tmp_path) for arg in args]
     base = [
         "--dataset_name",
@@ -293,13 +294,15 @@ def test_bad_arguments_fail_clearly(train_main, shared_data_dir, tmp_path, args,
     ]
     with pytest.raises(SystemExit) as exit_info:
         train_main([*base, *args])
-    assert str(exit_info.value.code).startswith("error: ")
-    assert message in str(exit_info.value.code)
+    assert exit_info.value.code == status  # 2: an option mistake; 1: a file or data that cannot be used
+    err = capsys.readouterr().err
+    assert "error: " in err and message in err
+    assert not (tmp_path / "o").exists()
 
 
-def test_new_run_refuses_a_folder_with_checkpoints(train_main, shared_data_dir, tmp_path):
+def test_new_run_refuses_a_folder_with_checkpoints(train_main, shared_data_dir, tmp_path, capsys):
     (tmp_path / "checkpoints" / "checkpoint-4").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="already holds checkpoints"):
+    with pytest.raises(SystemExit, match="1"):
         train_main(
             [
                 "--dataset_name",
@@ -310,6 +313,7 @@ def test_new_run_refuses_a_folder_with_checkpoints(train_main, shared_data_dir, 
                 str(tmp_path),
             ]
         )
+    assert "already holds checkpoints (checkpoint-4) of another run" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -383,12 +387,13 @@ def test_bare_resume_flag_means_the_last_checkpoint(tmp_path):
         == "x/checkpoint-3"
     )
 
+    from test_faults import fake_checkpoint
+
     training = parse_args(["--output_dir", str(tmp_path), "--resume_from_checkpoint"]).training
-    with pytest.raises(ValueError, match="no checkpoint"):
-        resolve_checkpoint(training)
+    assert resolve_checkpoint(training) == (None, [])  # nothing to resume: the run starts from the beginning
     for step in (2, 10, 4):
-        (tmp_path / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
-    assert resolve_checkpoint(training) == str(tmp_path / "checkpoints" / "checkpoint-10")
+        fake_checkpoint(tmp_path / "checkpoints", step)
+    assert resolve_checkpoint(training) == (str(tmp_path / "checkpoints" / "checkpoint-10"), [])
 
 
 def test_shipped_recipes():
@@ -569,13 +574,18 @@ def shifted(volume: np.ndarray, shift: tuple[int, int, int]) -> np.ndarray:
     return out
 
 
-def test_attention_is_chosen_once_where_the_model_is_built(tmp_path):
-    from vivit_medmnist.trainer_setup import attention_for
+def test_speed_choices_are_made_once_where_the_model_is_built_and_never_saved(tmp_path):
+    from vivit_medmnist.cpu_speed import CPU_ATTENTION
+    from vivit_medmnist.trainer_setup import speed_up
 
-    assert attention_for(torch.device("cpu")) == "eager" and attention_for(torch.device("cuda")) == "sdpa"
-    model = build_model(
-        ModelArguments(config_overrides=TINY_MODEL), ["a", "b"], 28, attn_implementation="eager"
+    model = build_model(ModelArguments(config_overrides=TINY_MODEL + ",conv_stem_channels=[8],tubelet_size=2"), ["a", "b"], 28)
+    speed_up(model, torch.device("cuda"))  # a GPU keeps the model's default
+    assert model.config._attn_implementation == "sdpa"
+    speed_up(model, torch.device("cpu"))
+    assert model.config._attn_implementation == CPU_ATTENTION
+    assert model.vivit.embeddings.tubelet_embeddings.conv_stem[0].weight.is_contiguous(
+        memory_format=torch.channels_last_3d
     )
-    assert model.config._attn_implementation == "eager"
     model.save_pretrained(tmp_path)  # the run's choice is not the saved model's: it loads with the default
+    assert "vivit_cpu" not in (tmp_path / "config.json").read_text()
     assert AutoModelForVideoClassification.from_pretrained(tmp_path).config._attn_implementation == "sdpa"

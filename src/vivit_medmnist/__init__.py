@@ -5,6 +5,7 @@ Importing the package registers the classes with the transformers Auto classes (
 folder also loads with `trust_remote_code=True` where this package is not installed.
 """
 
+import logging
 from importlib.metadata import PackageNotFoundError, version
 
 from transformers import (
@@ -56,6 +57,14 @@ VivitMedmnistModel.register_for_auto_class("AutoModel")
 VivitMedmnistForVideoClassification.register_for_auto_class("AutoModelForVideoClassification")
 VivitMedmnistImageProcessor.register_for_auto_class("AutoImageProcessor")
 
+
+
+def set_verbosity(level: int) -> None:
+    """The level of every message of the package (each module logs through a child of the `vivit_medmnist`
+    logger), as `transformers.logging.set_verbosity` sets transformers'. The commands set INFO."""
+    logging.getLogger(__name__).setLevel(level)
+
+
 __all__ = [
     "VivitMedmnistConfig",
     "VivitMedmnistForVideoClassification",
@@ -63,4 +72,5 @@ __all__ = [
     "VivitMedmnistModel",
     "VivitMedmnistPreTrainedModel",
     "VivitMedmnistVolumeClassificationPipeline",
+    "set_verbosity",
 ]

@@ -8,7 +8,9 @@ Arguments follow the Hugging Face example scripts: `HfArgumentParser` over `RunO
   `--config_overrides` merges with the recipe's key by key.
 - `--resume_from_checkpoint` with no value (or the value `last`) resumes from the newest checkpoint in
   `<output_dir>/checkpoints`; with a path, from that checkpoint.
-- `use_cpu` defaults to True when there is no CUDA device (`--use_cpu false` restores the Trainer's own choice).
+- `use_cpu` defaults to True when there is no CUDA device (`--use_cpu false` restores the Trainer's own choice),
+  and `bf16` (autocast) to True when that CPU computes bf16 natively (`cpu_speed.native_bf16`; `--bf16 false`
+  trains in float32).
 - `--output_dir` (default `outputs/<dataset_name>`) is the publishable folder; the Trainer's checkpoints, which
   hold pickles (`optimizer.pt`, `rng_state.pth`, `training_args.bin`), go to its `checkpoints/` subfolder only.
 - A value that cannot mean what the user wants (0 volumes, an axis that does not exist, ...) is a usage error.
@@ -32,11 +34,17 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
 from .configuration_vivit_medmnist import VivitMedmnistConfig
+from .cpu_speed import native_bf16
 
 CHECKPOINTS = "checkpoints"  # subfolder of --output_dir that holds the Trainer checkpoints (never published)
 
 
 RESUME_LAST = "last"  # what a bare --resume_from_checkpoint becomes
+
+
+class OptionError(ValueError):
+    """A value given on the command line or in a recipe that cannot mean what the user wants: the command ends
+    with exit status 2, like argparse's own usage errors (files and data that cannot be used: 1)."""
 
 
 @dataclass
@@ -172,8 +180,11 @@ def build_parser() -> HfArgumentParser:
     # `accelerate launch` on a CPU machine trains alone).
     # Every parameter takes part in every forward: DDP need not search for unused ones (the Trainer would).
     # Progress bars only on a terminal: in a log file they are control characters.
+    # A CPU with native bf16 trains about 1.35x faster under bf16 autocast (benchmarks/README.md).
+    cpu_only = not torch.cuda.is_available()
     parser.set_defaults(
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=cpu_only,
+        bf16=cpu_only and native_bf16(),
         ddp_find_unused_parameters=False,
         remove_unused_columns=False,  # the raw "volume" column is no argument of forward(): the collator reads it
         output_dir="",
@@ -218,6 +229,10 @@ def parse_args(argv: Sequence[str] | None = None) -> RunArguments:
     from_recipe = _override_items(recipe_values.get("config_overrides"))
     from_command_line = _override_items(given.config_overrides)
     model_args.config_overrides = ",".join({**from_recipe, **from_command_line}.values()) or None
+    try:
+        parse_config_overrides(model_args.config_overrides)  # a malformed one is a usage error, found now
+    except OptionError as err:
+        parser.error(str(err))
     output_dir = Path(training_args.output_dir or Path("outputs") / data_args.dataset_name)
     training_args.output_dir = str(output_dir / CHECKPOINTS)
     return RunArguments(
@@ -381,11 +396,11 @@ def parse_config_overrides(text: str | None) -> dict[str, Any]:
     for item in _split_overrides(text):
         key, sep, raw = (part.strip() for part in item.partition("="))
         if key == "volume_size":
-            raise ValueError(
+            raise OptionError(
                 "--config_overrides: volume_size comes from the data: use --size 28 or --size 64"
             )
         if not sep or not key or key.startswith("_") or not hasattr(defaults, key):
-            raise ValueError(
+            raise OptionError(
                 f"--config_overrides: {item.strip()!r} is not 'field=value' with a VivitMedmnistConfig field "
                 f"(e.g. hidden_size=64,num_hidden_layers=2,tubelet_size=4)"
             )
@@ -398,7 +413,7 @@ def parse_config_overrides(text: str | None) -> dict[str, Any]:
             try:
                 value = float(value)
             except ValueError:
-                raise ValueError(f"--config_overrides: {key} must be a number, got {raw!r}") from None
+                raise OptionError(f"--config_overrides: {key} must be a number, got {raw!r}") from None
         overrides[key] = value
     return overrides
 

@@ -113,6 +113,11 @@ class VivitMedmnistConfig(PreTrainedConfig):
             LayerNorm 1/0.
         initializer_range (`float`, *optional*, defaults to 0.02):
             The standard deviation of the `"normal"` initialisation (unused by `"keras"`).
+        calibration_temperature (`float`, *optional*):
+            The temperature T of temperature scaling (Guo et al. 2017), fitted on the validation split at the end
+            of training: calibrated probabilities are `softmax(logits / T)`. The model still returns the raw
+            logits; the volume-classification pipeline, `vivit-medmnist-predict` and the demo divide by T. `None`
+            (default): not calibrated, probabilities are the plain softmax.
 
     The usual [`PreTrainedConfig`] arguments are accepted too, notably `num_labels` (defaults to 2; OrganMNIST3D
     has 11), `id2label`, `label2id` and `problem_type`.
@@ -159,6 +164,7 @@ class VivitMedmnistConfig(PreTrainedConfig):
     pooling: str = "mean"
     initialization: str = "keras"
     initializer_range: float = 0.02
+    calibration_temperature: float | int | None = None
 
     def __post_init__(self, **kwargs):
         # Plain ValueErrors here (not `validate_*` methods, which @strict would wrap in its own exception type).
@@ -228,6 +234,9 @@ class VivitMedmnistConfig(PreTrainedConfig):
             raise ValueError(f"initialization must be one of {INITIALIZATIONS}, got {self.initialization!r}")
         if not self.initializer_range > 0:
             raise ValueError(f"initializer_range must be > 0, got {self.initializer_range!r}")
+        temperature = self.calibration_temperature
+        if temperature is not None and (isinstance(temperature, bool) or not 0 < temperature < float("inf")):
+            raise ValueError(f"calibration_temperature must be a positive number or None, got {temperature!r}")
         super().__post_init__(**kwargs)
         if self.num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {self.num_labels}")

@@ -10,8 +10,9 @@ training run's: on a folder written by `train.py`, `--split test` reproduces its
 
 The metric keys are prefixed like the Trainer's: `test_*` for `--split test`, `eval_*` for `--split validation`
 (as in the validation metrics logged during training) and `train_*` for `--split train`; e.g. `test_accuracy`,
-`test_auc`, `test_loss` (plus `test_top5_accuracy` for multi-class sets and the Trainer's `test_runtime`,
-`test_samples_per_second`, `test_steps_per_second`). They are printed as JSON and written to `--output_file`.
+`test_auc`, `test_loss`, `test_ece`, `test_brier` (plus `test_top5_accuracy` for multi-class sets, the
+calibrated `test_calibrated_ece` / `test_calibrated_brier` and `calibration_temperature` for a model with a
+temperature, and the Trainer's `test_runtime`, `test_samples_per_second`, `test_steps_per_second`). They are printed as JSON and written to `--output_file`.
 Runs on the GPU when there is one, else on the CPU.
 """
 
@@ -32,6 +33,8 @@ from transformers import (
 )
 
 import vivit_medmnist  # noqa: F401 -- registers the model with the Auto classes
+from vivit_medmnist.calibration import calibrated_metrics
+from vivit_medmnist.cpu_speed import prepare_for_inference
 from vivit_medmnist.data import MedMNIST3DCollator, load_medmnist3d, resolve_data_dir, resolve_dataset
 from vivit_medmnist.metrics import compute_metrics
 from vivit_medmnist.publishing import check_model_path
@@ -72,6 +75,13 @@ class EvaluateArguments:
     revision: str = field(
         default="main", metadata={"help": "The Hub revision (branch, tag or commit) of the model."}
     )
+    precision: Literal["auto", "fp32", "bf16"] = field(
+        default="auto",
+        metadata={
+            "help": "auto: bf16 autocast on a CPU with native bf16, as train.py evaluates there (so the numbers "
+            "reproduce its results), else float32."
+        },
+    )
 
 
 def fail(message: str) -> None:
@@ -86,7 +96,7 @@ def load_model(args: EvaluateArguments):
             args.model_name_or_path, revision=args.revision
         )
         processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, revision=args.revision)
-    except (OSError, ValueError, KeyError) as err:
+    except Exception as err:  # noqa: BLE001 -- whichever library raised it: one error line
         fail(f"cannot load a model and image processor from {args.model_name_or_path!r}: {err}")
     return model, processor
 
@@ -117,12 +127,15 @@ def evaluate(args: EvaluateArguments) -> dict[str, float]:
         fail(str(err))
     check_labels(model, dataset.features["label"].names, args)
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = prepare_for_inference(model, device, args.precision)  # the speed choices train.py makes
     with tempfile.TemporaryDirectory(prefix="vivit-evaluate-") as tmp:  # the Trainer wants an output_dir
         training_args = TrainingArguments(
             output_dir=tmp,
+            bf16=bf16,
             per_device_eval_batch_size=args.per_device_eval_batch_size,
             dataloader_num_workers=args.dataloader_num_workers,
-            use_cpu=not torch.cuda.is_available(),
+            use_cpu=device.type == "cpu",
             remove_unused_columns=False,  # the collator reads the raw "volume" column
             report_to="none",
         )
@@ -133,7 +146,10 @@ def evaluate(args: EvaluateArguments) -> dict[str, float]:
             compute_metrics=compute_metrics,
         )
         prefix = METRIC_PREFIXES[args.split]
-        metrics = trainer.predict(dataset, metric_key_prefix=prefix).metrics
+        output = trainer.predict(dataset, metric_key_prefix=prefix)
+        metrics = output.metrics
+        if temperature := getattr(model.config, "calibration_temperature", None):  # as train.py reports them
+            metrics.update(calibrated_metrics(output, temperature, prefix))
     # Timing of the Trainer's first-call model preparation: absent from train.py's results, and not a result.
     metrics.pop(f"{prefix}_model_preparation_time", None)
     return metrics

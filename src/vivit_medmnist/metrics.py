@@ -7,6 +7,8 @@
   the evaluated split), as scikit-learn reports it.
 - `top5_accuracy`: the fraction whose label is among the 5 most probable classes, for tasks with more than 5
   classes (with 5 or fewer it is 1 by definition, so it is not reported).
+- `ece` and `brier`: how well the softmax probabilities are calibrated (`vivit_medmnist.calibration`): the
+  expected calibration error over 15 bins of the top-class confidence, and the multi-class Brier score.
 
 The task is read from the logits: `logits.shape[-1] == 2` is binary. The Trainer prefixes the keys (`eval_`,
 `test_`).
@@ -17,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import softmax
 from sklearn.metrics import accuracy_score, roc_auc_score, top_k_accuracy_score
+
+from .calibration import brier_score, expected_calibration_error
 
 TOP_K = 5
 
@@ -45,4 +49,6 @@ def compute_metrics(eval_pred) -> dict[str, float]:
         )
         if n_classes > TOP_K:
             metrics["top5_accuracy"] = float(top_k_accuracy_score(labels, probs, k=TOP_K, labels=classes))
+    metrics["ece"] = expected_calibration_error(probs, labels)
+    metrics["brier"] = brier_score(probs, labels)
     return metrics

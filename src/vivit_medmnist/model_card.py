@@ -54,6 +54,10 @@ _METRIC_NAMES = {
     "auc": "AUC",
     "top5_accuracy": "top-5 accuracy",
     "loss": "loss (cross-entropy)",
+    "ece": "ECE (15 bins), raw softmax",
+    "calibrated_ece": "ECE, temperature scaled",
+    "brier": "Brier score, raw softmax",
+    "calibrated_brier": "Brier score, temperature scaled",
 }
 
 
@@ -258,6 +262,7 @@ def build_model_card(
     repo_id: str | None = None,
     split_sizes: Mapping[str, int] | None = None,
     base_model: str | None = None,
+    gallery_method: str | None = None,
 ):
     """Render the model card (a `huggingface_hub.ModelCard`) from the jinja2 template; see
     `save_publishable_folder`. The `model-index` holds every test (and validation) metric of `results` among
@@ -310,7 +315,7 @@ def build_model_card(
         eval_results=eval_results,
     )
 
-    metrics_order = ["accuracy", "auc", "top5_accuracy", "loss"]
+    metrics_order = ["accuracy", "auc", "top5_accuracy", "loss", "ece", "calibrated_ece", "brier", "calibrated_brier"]
     metric_names = sorted(
         {m for split in by_split.values() for m in split},
         key=lambda m: (metrics_order.index(m) if m in metrics_order else len(metrics_order), m),
@@ -346,6 +351,10 @@ def build_model_card(
         training_summary=[(str(k), _format(v)) for k, v in training_summary.items()],
         results_splits=splits,
         results_rows=results_rows,
+        calibration_temperature=_format(temperature) if (temperature := model.config.calibration_temperature) else None,
+        test_ece=_format(by_split["test"].get("ece", math.nan)),
+        test_calibrated_ece=_format(by_split["test"].get("calibrated_ece", math.nan)),
+        gallery_method=gallery_method,
         medmnist_citation=MEDMNIST_CITATION.strip(),
         vivit_citation=VIVIT_CITATION.strip(),
     )

@@ -11,7 +11,7 @@ save_publishable_folder("outputs/run", model, image_processor, dataset_name="org
 A folder holds the weights (safetensors only), `config.json` (with `id2label`, `auto_map` and the pipeline in
 `custom_pipelines`), the model, processor and pipeline code (so the folder loads with `trust_remote_code=True`
 where this package is not installed), `preprocessor_config.json`, the model card `README.md`,
-`training_curves.png`, `confusion_matrix.png` and the `*results.json` metrics. Write it through
+`training_curves.png`, `confusion_matrix.png`, `reliability_diagram.png` and the `*results.json` metrics. Write it through
 `vivit_medmnist.safe_io.staged_files` to replace a folder's files all at once.
 """
 
@@ -27,9 +27,16 @@ from typing import Any
 import numpy as np
 
 from . import pipeline_vivit_medmnist as pipeline_module
+from .calibration import calibrated_probabilities
+from .explain import DEFAULT_METHOD, evidence_gallery
 from .model_card import _label_names, build_model_card
 from .pipeline_vivit_medmnist import CUSTOM_PIPELINES
-from .plots import plot_confusion_matrix, plot_training_curves
+from .plots import (
+    plot_confusion_matrix,
+    plot_evidence_gallery,
+    plot_reliability_diagram,
+    plot_training_curves,
+)
 
 
 def save_publishable_folder(
@@ -48,6 +55,7 @@ def save_publishable_folder(
     repo_id: str | None = None,
     split_sizes: Mapping[str, int] | None = None,
     base_model: str | None = None,
+    test_volumes: np.ndarray | None = None,
 ) -> None:
     """Write everything that gets published into `output_dir` (created if needed; other files are left alone).
 
@@ -64,7 +72,9 @@ def save_publishable_folder(
     and `eval_*`); `training_summary` is a flat dict describing the training setup, shown as a table in the card.
     `repo_id` (optional) names the model in the card's loading example; `publish.py` fills it in otherwise.
     `split_sizes` ({"train": n, "validation": n, "test": n}) are the volumes the run used, where they differ from
-    MedMNIST's; `base_model` is the Hub id of the model that was fine-tuned, if any.
+    MedMNIST's; `base_model` is the Hub id of the model that was fine-tuned, if any. With `test_volumes` (the
+    raw test volumes, in the order of `test_labels`), `evidence_gallery.png` shows a correctly and a wrongly
+    classified test volume of each class with the evidence for its prediction (`explain.DEFAULT_METHOD`).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -81,6 +91,7 @@ def save_publishable_folder(
         repo_id=repo_id,
         split_sizes=split_sizes,
         base_model=base_model,
+        gallery_method=DEFAULT_METHOD if test_volumes is not None else None,
     )
 
     # `pipeline(model=folder, trust_remote_code=True)` reads the task from custom_pipelines and runs the copied file
@@ -90,6 +101,12 @@ def save_publishable_folder(
     shutil.copyfile(pipeline_module.__file__, output_dir / Path(pipeline_module.__file__).name)
     plot_training_curves(log_history, output_dir / "training_curves.png")
     plot_confusion_matrix(labels, logits, label_names, output_dir / "confusion_matrix.png")
+    temperature = getattr(model.config, "calibration_temperature", None)
+    plot_reliability_diagram(labels, logits, temperature, output_dir / "reliability_diagram.png")
+    if test_volumes is not None:
+        probabilities = calibrated_probabilities(logits, temperature)
+        rows = evidence_gallery(model, image_processor, np.asarray(test_volumes), labels, probabilities)
+        plot_evidence_gallery(rows, DEFAULT_METHOD, output_dir / "evidence_gallery.png")
     card.save(output_dir / "README.md")
 
 

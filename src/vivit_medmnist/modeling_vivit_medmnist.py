@@ -503,6 +503,19 @@ class VivitMedmnistPreTrainedModel(PreTrainedModel):
             raise OSError(
                 f"{pretrained_model_name_or_path}: model.safetensors is unreadable ({err})"
             ) from err
+        except OSError:
+            raise  # transformers' and huggingface_hub's own, which name the file
+        except Exception as err:
+            if "ignore_mismatched_sizes" in str(err):  # the loading report of a config that is not its weights'
+                raise OSError(
+                    f"{pretrained_model_name_or_path}: config.json does not match model.safetensors: tensors were "
+                    "saved in other shapes than the config describes (e.g. a class added to id2label: the "
+                    "classifier has another number of outputs); the load report above names them. Nothing was "
+                    "initialised in their place. (A new classification head: ignore_mismatched_sizes=True.)"
+                ) from err
+            raise OSError(
+                f"{pretrained_model_name_or_path}: cannot load the model ({type(err).__name__}: {err})"
+            ) from err
         _check_loaded_tensors(
             model, info, pretrained_model_name_or_path, kwargs.get("ignore_mismatched_sizes")
         )

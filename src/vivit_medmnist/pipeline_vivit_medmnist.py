@@ -26,6 +26,9 @@ class VivitMedmnistVolumeClassificationPipeline(Pipeline):
     a `.npy` file holding one (read without unpickling), a batch `(N, D, H, W)`, or a list of any of these.
     Options: `top_k` (default 5, at most the number of classes) and `function_to_apply` ("softmax", the default,
     "sigmoid" or "none").
+
+    Scores are calibrated probabilities where the model's config holds a `calibration_temperature` (fitted on the
+    validation split by `vivit-medmnist-train`): `softmax(logits / T)`; `calibrated=False` gives the raw softmax.
     """
 
     _load_processor = False
@@ -33,12 +36,14 @@ class VivitMedmnistVolumeClassificationPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = False
 
-    def _sanitize_parameters(self, top_k=None, function_to_apply=None):
+    def _sanitize_parameters(self, top_k=None, function_to_apply=None, calibrated=None):
         postprocess = {}
         if top_k is not None:
             postprocess["top_k"] = top_k
         if function_to_apply is not None:
             postprocess["function_to_apply"] = function_to_apply
+        if calibrated is not None:
+            postprocess["calibrated"] = calibrated
         return {}, {}, postprocess
 
     def __call__(self, inputs, **kwargs: Any):
@@ -57,8 +62,11 @@ class VivitMedmnistVolumeClassificationPipeline(Pipeline):
     def _forward(self, model_inputs):
         return self.model(**model_inputs)
 
-    def postprocess(self, model_outputs, top_k: int = 5, function_to_apply: str = "softmax"):
+    def postprocess(self, model_outputs, top_k: int = 5, function_to_apply: str = "softmax", calibrated: bool = True):
         logits = model_outputs["logits"][0].float()
+        temperature = getattr(self.model.config, "calibration_temperature", None)
+        if calibrated and temperature and function_to_apply == "softmax":
+            logits = logits / temperature
         if function_to_apply == "softmax":
             scores = logits.softmax(-1)
         elif function_to_apply == "sigmoid":

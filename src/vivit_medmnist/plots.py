@@ -92,3 +92,103 @@ def plot_confusion_matrix(labels: np.ndarray, logits: np.ndarray, label_names: l
     accuracy = float((predictions == labels).mean()) if len(labels) else float("nan")
     display.ax_.set_title(f"Test confusion matrix\n{len(labels)} volumes, accuracy {accuracy:.3f}")
     fig.savefig(path, dpi=100)
+
+
+def plot_reliability_diagram(labels: np.ndarray, logits: np.ndarray, temperature: float | None, path) -> None:
+    """Test accuracy against top-class confidence in 15 equal-width bins, before and after temperature scaling
+    (`temperature`; only before when None), with the ECE of each and the count of volumes per bin."""
+    from matplotlib.figure import Figure
+
+    from .calibration import calibrated_probabilities, expected_calibration_error, reliability_bins
+
+    fig = Figure(figsize=(5.6, 5.2), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="perfect calibration")
+    variants = [("raw softmax", None, "tab:red")]
+    if temperature is not None:
+        variants.append((f"temperature scaled (T = {temperature:.3g})", temperature, "tab:blue"))
+    for name, t, colour in variants:
+        probabilities = calibrated_probabilities(logits, t)
+        table = [row for row in reliability_bins(probabilities, labels) if row["count"]]
+        ece = expected_calibration_error(probabilities, labels)
+        ax.plot(
+            [row["confidence"] for row in table],
+            [row["accuracy"] for row in table],
+            "o-",
+            color=colour,
+            label=f"{name}: ECE {ece:.3f}",
+            markersize=4,
+        )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence of the predicted class (15 bins)")
+    ax.set_ylabel("accuracy in the bin")
+    ax.set_title(f"Reliability on the test split ({len(labels)} volumes)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.savefig(path, dpi=100)
+
+
+VIEWS = (("axial (D)", 0), ("coronal (H)", 1), ("sagittal (W)", 2))
+
+
+def _draw_explanation(axes, volume: np.ndarray, heatmap: np.ndarray, title: str, method: str):
+    """Three orthogonal slices of `volume` (D, H, W, values in [0, 1]) through the peak of `heatmap` (same shape),
+    the volume in grey and the map (scaled to its maximum) overlaid; returns the last overlay, for a colour bar."""
+    from .explain import heatmap_peak
+
+    peak = heatmap_peak(heatmap)
+    top = float(heatmap.max()) or 1.0
+    shown = None
+    for ax, (name, axis) in zip(axes, VIEWS):
+        index = [slice(None)] * 3
+        index[axis] = peak[axis]
+        ax.imshow(volume[tuple(index)], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        overlay = np.ma.masked_less_equal(heatmap[tuple(index)] / top, 0.0)
+        shown = ax.imshow(overlay, cmap="inferno", vmin=0, vmax=1, alpha=0.55, interpolation="nearest")
+        ax.set_title(f"{name} slice {peak[axis]}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0].set_ylabel(title, fontsize=8)
+    axes[1].set_xlabel(f"{method}: evidence / its maximum, through the peak {peak}", fontsize=7)
+    return shown
+
+
+def plot_explanation(volume: np.ndarray, heatmap: np.ndarray, title: str, method: str, path) -> None:
+    """One volume's explanation as a PNG: the three orthogonal slices through the heatmap's peak, with a colour
+    bar and `title` (the predicted label and its probability)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.4), layout="constrained")
+    axes = fig.subplots(1, 3)
+    shown = _draw_explanation(axes, volume, heatmap, "", method)
+    fig.suptitle(title, fontsize=10)
+    fig.colorbar(shown, ax=axes, shrink=0.8, label="evidence (relative)")
+    fig.savefig(path, dpi=100)
+
+
+def plot_evidence_gallery(rows: list[tuple[str, tuple | None, tuple | None]], method: str, path) -> None:
+    """The model card's gallery: one row per class, a correctly and a wrongly classified test volume of it (each
+    (volume, heatmap, caption), None where there is none), three slices each through the evidence's peak."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 2.3 * max(len(rows), 1) + 0.8), layout="constrained")
+    grid = fig.subplots(max(len(rows), 1), 6, squeeze=False)
+    shown = None
+    for axes, (name, correct, wrong) in zip(grid, rows):
+        for part, example, kind in ((axes[:3], correct, "correctly"), (axes[3:], wrong, "wrongly")):
+            if example is None:
+                for ax in part:
+                    ax.axis("off")
+                part[1].text(0.5, 0.5, f"no {name} test volume was classified {kind}", ha="center",
+                             va="center", transform=part[1].transAxes, color="gray", fontsize=8)  # fmt: skip
+                continue
+            shown = _draw_explanation(part, *example, method)
+    if shown is not None:
+        fig.colorbar(shown, ax=grid, shrink=0.4, label="evidence (relative)")
+    fig.suptitle(
+        f"Test volumes per class, correctly (left) and wrongly (right) classified, with the evidence for the "
+        f"predicted class ({method})",
+        fontsize=10,
+    )
+    fig.savefig(path, dpi=80)

@@ -15,16 +15,25 @@ What MedMNIST did to its volumes, which yours must match: each is a crop around 
 resized to 28^3 (or 64^3), stored as uint8 0..255 (mask sets such as AdrenalMNIST3D hold only 0 and 255). A
 raw scan in Hounsfield units is refused (floats outside [0, 1]): window and scale it first.
 
-For every volume it prints the predicted label and the `--top_k` labels with their probabilities (softmax of
-the logits); `--output_file` also writes them as JSON: a list of
-`{"file", "key", "index", "label", "label_id", "top_k": [{"label", "label_id", "probability"}, ...]}`
-(`key` is the array's name in a .npz, else null; `index` the position in a batch, else null).
+For every volume it prints the predicted label and the `--top_k` labels with their probabilities: calibrated,
+`softmax(logits / T)` with the temperature T that training fitted on the validation split
+(`config.calibration_temperature`), or the plain softmax for a model without one (the output says which);
+`--output_file` also writes them as JSON: a list of `{"file", "key", "index", "label", "label_id",
+"calibrated", "top_k": [{"label", "label_id", "probability"}, ...]}` (`key` is the array's name in a .npz, else
+null; `index` the position in a batch, else null).
+
+`--explain [METHOD]` also says why (`vivit_medmnist.explain`; default method: the one measured to localise best):
+for every volume, in `--explain_dir` (default `explanations/`), the evidence map for the predicted class as
+`<name>.<method>.npy` (`.nii.gz` with the input's affine when the input was NIfTI), aligned voxel for voxel with
+the input (resized back to the input's shape where the volume was resized for the model), and
+`<name>.<method>.png`: the three orthogonal slices through the map's peak, the volume as the model saw it in grey
+with the map overlaid, a colour bar, and the predicted label with its probability. Existing files are refused
+unless `--overwrite_output_file`; nothing is written into the model folder or over an input.
 """
 
 import argparse
 import json
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +41,12 @@ import torch
 from transformers import AutoImageProcessor, AutoModelForVideoClassification
 
 import vivit_medmnist  # noqa: F401 -- registers the model with the Auto classes
+from vivit_medmnist.cpu_speed import PRECISIONS, autocast_for, prepare_for_inference
+from vivit_medmnist.explain import DEFAULT_METHOD, METHODS, explain
+from vivit_medmnist.plots import plot_explanation
 from vivit_medmnist.publishing import check_model_path
 from vivit_medmnist.safe_io import check_new_output, write_text_atomic
-
-
-class InputError(ValueError):
-    """A file that cannot be labelled; the message says what was expected and what came."""
+from vivit_medmnist.volume_files import InputError, is_nifti, load_arrays, nifti_header
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,90 +77,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--batch_size", type=int, default=32, help="volumes per forward pass (default 32)")
     parser.add_argument("--revision", default="main", help="the Hub revision of the model (default main)")
+    parser.add_argument(
+        "--explain",
+        nargs="?",
+        const=DEFAULT_METHOD,
+        choices=METHODS,
+        default=None,
+        help=f"also write an evidence map and a PNG per volume (method; default {DEFAULT_METHOD})",
+    )
+    parser.add_argument("--explain_dir", default="explanations", help="where --explain writes (default explanations/)")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto (default): bf16 autocast on a CPU with native bf16, as train.py evaluates there; else fp32",
+    )
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error(f"--top_k must be >= 1, got {args.top_k}")
     if args.batch_size < 1:
         parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
     return args
-
-
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-def is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_SUFFIXES)
-
-
-def load_nifti(path: Path) -> np.ndarray:
-    """The image array of a NIfTI file, in its stored dtype and axis order (a trailing length-1 axis dropped)."""
-    try:
-        import nibabel
-    except ImportError:
-        raise InputError(
-            f"{path}: reading NIfTI needs nibabel: pip install 'vivit-medmnist[nifti]'"
-        ) from None
-    try:
-        array = np.asanyarray(
-            nibabel.load(path).dataobj
-        )  # the stored values, scaled only if the header says so
-    except Exception as err:
-        raise InputError(f"{path}: not a readable NIfTI file ({type(err).__name__}: {err})") from err
-    while array.ndim > 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim != 3:
-        raise InputError(f"{path}: expected a 3D NIfTI volume, got an image of shape {array.shape}")
-    return array
-
-
-def load_arrays(path: Path, key: str | None) -> list[tuple[str | None, np.ndarray]]:
-    """[(key or None, array)] from a .npy, .npz or NIfTI file, never unpickling anything."""
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    if is_nifti(path):
-        if key is not None:
-            raise InputError(f"{path}: --key {key!r} applies to .npz files only")
-        return [(None, load_nifti(path))]
-    suffix = path.suffix.lower()
-    if suffix not in (".npy", ".npz"):
-        raise InputError(
-            f"{path}: expected a .npy, .npz, .nii or .nii.gz file, got {suffix or 'no extension'!r}"
-        )
-    if suffix == ".npy" and key is not None:
-        raise InputError(f"{path}: --key {key!r} applies to .npz files only")
-    try:
-        loaded = np.load(path, allow_pickle=False)  # decides by content: an ndarray or an NpzFile
-        if suffix == ".npy":
-            if not isinstance(loaded, np.ndarray):
-                loaded.close()
-                raise InputError(f"{path}: expected a .npy array, got a .npz archive (rename it to .npz)")
-            return [(None, loaded)]
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise InputError(f"{path}: expected a .npz archive, got a single .npy array (rename it to .npy)")
-        with loaded as npz:
-            if key is not None and key not in npz.files:
-                raise InputError(f"{path}: no array named {key!r}; the file holds {sorted(npz.files)}")
-            keys = [key] if key is not None else list(npz.files)
-            if not keys:
-                raise InputError(f"{path}: the archive holds no arrays")
-            arrays = [(k, npz[k]) for k in keys]
-            for k, array in arrays:
-                if not isinstance(array, np.ndarray):  # NpzFile returns the raw bytes of a non-.npy member
-                    raise InputError(
-                        f"{path}: member {k!r} is not a numpy array (.npy) but {type(array).__name__}"
-                    )
-            return arrays
-    except ValueError as err:
-        if isinstance(err, InputError):
-            raise
-        if "pickle" in str(err).lower():
-            raise InputError(
-                f"{path}: holds pickled data (e.g. an object array); refusing to unpickle it. Save the volumes "
-                "as a numeric array: np.save(path, volumes.astype(np.uint8))"
-            ) from err
-        raise InputError(f"{path}: not a readable numpy file ({err})") from err
-    except (OSError, EOFError, zipfile.BadZipFile) as err:
-        raise InputError(f"{path}: not a readable numpy file ({type(err).__name__}: {err})") from err
 
 
 def as_batch(array: np.ndarray, volume_size: list[int], where: str, resize: bool = False) -> np.ndarray:
@@ -183,15 +129,77 @@ def preprocess(
 
 
 @torch.no_grad()
-def predict(model, pixel_values: torch.Tensor, top_k: int, batch_size: int) -> list[list[tuple[int, float]]]:
-    """[(label id, probability)] * top_k for every volume of the batch, most probable first."""
+def predict(
+    model, pixel_values: torch.Tensor, top_k: int, batch_size: int, bf16: bool = False
+) -> list[list[tuple[int, float]]]:
+    """[(label id, probability)] * top_k for every volume of the batch, most probable first; probabilities
+    calibrated by the config's `calibration_temperature` where it has one."""
+    temperature = getattr(model.config, "calibration_temperature", None) or 1.0
     results = []
     for start in range(0, len(pixel_values), batch_size):
-        logits = model(pixel_values=pixel_values[start : start + batch_size].to(model.device)).logits
-        probabilities = logits.float().softmax(dim=-1)
+        with autocast_for(model.device, bf16):
+            logits = model(pixel_values=pixel_values[start : start + batch_size].to(model.device)).logits
+        probabilities = (logits.float() / temperature).softmax(dim=-1)
         values, indices = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1)
         results += [list(zip(i.tolist(), v.tolist())) for i, v in zip(indices, values)]
     return results
+
+
+def explanation_stem(args, name: str, key: str | None, index: int | None) -> Path:
+    """`--explain_dir`/<file name without extension>[_<key>][_<index>].<method>"""
+    base = Path(name).name
+    for suffix in (".nii.gz", ".nii", ".npy", ".npz"):
+        if base.lower().endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    parts = [base] + ([key] if key is not None else []) + ([str(index)] if index is not None else [])
+    return Path(args.explain_dir) / f"{'_'.join(parts)}.{args.explain}"
+
+
+def explanation_paths(args, inputs) -> list[Path]:
+    paths = []
+    for name, key, array, _ in inputs:
+        indices = range(len(array)) if array.ndim == 4 else [None]
+        suffix = ".nii.gz" if is_nifti(Path(name)) else ".npy"
+        for index in indices:
+            stem = explanation_stem(args, name, key, index)
+            paths += [stem.with_name(stem.name + suffix), stem.with_name(stem.name + ".png")]
+    return paths
+
+
+def write_explanation(model, volume, index, top, bf16: bool, args) -> list[Path]:
+    """The evidence map of one volume for its predicted class, as .npy / .nii.gz (aligned with the input) and
+    PNG; returns the paths written."""
+    name, key, array, pixel_values = volume
+    label_id, probability = top
+    with autocast_for(model.device, bf16):
+        heatmap = explain(model, pixel_values, args.explain, target=label_id)[0]
+    stem = explanation_stem(args, name, key, index)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    aligned = heatmap
+    if tuple(array.shape) != heatmap.shape:  # resized for the model: back to the input's voxels
+        aligned = resize_volume(heatmap, array.shape)
+    if is_nifti(Path(name)):
+        import nibabel
+
+        affine, _ = nifti_header(Path(name))
+        data_path = stem.with_name(stem.name + ".nii.gz")
+        nibabel.save(nibabel.Nifti1Image(aligned.astype(np.float32), affine), data_path)
+    else:
+        data_path = stem.with_name(stem.name + ".npy")
+        np.save(data_path, aligned.astype(np.float32))
+    label = model.config.id2label[label_id]
+    kind = "calibrated probability" if getattr(model.config, "calibration_temperature", None) else "probability"
+    png = stem.with_name(stem.name + ".png")
+    title = f"{Path(name).name}{f'[{key}]' if key else ''}{f'[{index}]' if index is not None else ''}: {label} ({kind} {probability:.3f})"
+    plot_explanation(pixel_values[0, :, 0].float().cpu().numpy(), heatmap, title, args.explain, png)
+    return [data_path, png]
+
+
+def resize_volume(volume: np.ndarray, shape) -> np.ndarray:
+    """Trilinear resize of a (D, H, W) map to `shape` (align_corners=False, as the processor resizes)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
+    return torch.nn.functional.interpolate(tensor, size=tuple(shape), mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
 def main(argv=None) -> None:
@@ -200,7 +208,8 @@ def main(argv=None) -> None:
         sys.exit(f"error: {message}")
     if args.output_file:
         try:
-            check_new_output(args.output_file, args.overwrite_output_file, args.files)
+            # never a file of the model folder either, flag or not
+            check_new_output(args.output_file, args.overwrite_output_file, [*args.files, args.model_name_or_path])
         except FileExistsError as err:
             sys.exit(f"error: {err}")
     try:
@@ -208,37 +217,54 @@ def main(argv=None) -> None:
             args.model_name_or_path, revision=args.revision
         )
         processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, revision=args.revision)
-    except (OSError, ValueError, KeyError) as err:
+    except Exception as err:  # noqa: BLE001 -- whichever library raised it: one error line
         sys.exit(f"error: cannot load a model and image processor from {args.model_name_or_path!r}: {err}")
-    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = prepare_for_inference(model, device, args.precision)
     id2label = model.config.id2label
 
-    try:  # read and check every file before running the model, so a bad file fails fast
+    try:  # read and check every file (and where explanations go) before running the model: fail fast
         inputs = []
         for name in args.files:
             for key, array in load_arrays(Path(name), args.key):
                 where = name if key is None else f"{name}[{key}]"
                 resize = args.resize or is_nifti(Path(name))
                 pixel_values = preprocess(processor, array, model.config.volume_size, where, resize)
-                inputs.append((name, key, array.ndim == 4, pixel_values))
-    except InputError as err:
+                inputs.append((name, key, array, pixel_values))
+        if args.explain:
+            for path in explanation_paths(args, inputs):
+                check_new_output(path, args.overwrite_output_file, [*args.files, args.model_name_or_path],
+                                 option="--explain_dir file")  # fmt: skip
+    except (InputError, FileExistsError) as err:
         sys.exit(f"error: {err}")
 
+    calibrated = bool(getattr(model.config, "calibration_temperature", None))
+    if calibrated:
+        temperature = model.config.calibration_temperature
+        print(f"probabilities: calibrated, softmax(logits / {temperature:.3g}) (temperature fitted on validation)")
+    else:
+        print("probabilities: raw softmax (the model has no calibration_temperature)")
     records = []
-    for name, key, is_batch, pixel_values in inputs:
-        for index, top in enumerate(predict(model, pixel_values, args.top_k, args.batch_size)):
+    for name, key, array, pixel_values in inputs:
+        is_batch = array.ndim == 4
+        for index, top in enumerate(predict(model, pixel_values, args.top_k, args.batch_size, bf16)):
             record = {
                 "file": name,
                 "key": key,
                 "index": index if is_batch else None,
                 "label": id2label[top[0][0]],
                 "label_id": top[0][0],
+                "calibrated": calibrated,
                 "top_k": [{"label": id2label[i], "label_id": i, "probability": p} for i, p in top],
             }
             records.append(record)
             where = name + (f"[{key}]" if key is not None else "") + (f"[{index}]" if is_batch else "")
             ranking = ", ".join(f"{id2label[i]} {p:.4f}" for i, p in top)
             print(f"{where}: {record['label']}  (top-{len(top)}: {ranking})")
+            if args.explain:
+                volume = (name, key, array[index] if is_batch else array, pixel_values[index : index + 1])
+                written = write_explanation(model, volume, index if is_batch else None, top[0], bf16, args)
+                print(f"  evidence ({args.explain}): {', '.join(map(str, written))}")
     if args.output_file:
         try:
             write_text_atomic(args.output_file, json.dumps(records, indent=2) + "\n")

@@ -3,9 +3,11 @@
     vivit-medmnist-publish outputs/organmnist3d --repo_id my-user/vivit-organmnist3d --dry_run
     vivit-medmnist-publish outputs/organmnist3d --repo_id my-user/vivit-organmnist3d [--private]
 
-Only the files matching `vivit_medmnist.publishing.PUBLISH_ALLOW_PATTERNS` at the top of the folder are uploaded
-(weights as safetensors, config.json, preprocessor_config.json, the model code, README.md, the plots and the
-*results.json metrics); `checkpoints/` and anything pickled (training_args.bin, optimizer.pt, ...) never are.
+Only the files the model needs are uploaded (`vivit_medmnist.publishing.publishable_files`): the weights as
+safetensors, config.json, preprocessor_config.json, the code files those configs name (and what they import),
+README.md with the images it shows, and the metrics train.py wrote (*_results.json). Anything else at the top of
+the folder (a script, notes) is left out and listed; `checkpoints/` and anything pickled (training_args.bin,
+optimizer.pt, ...) never go.
 
 Before uploading, the folder is checked: model.safetensors, config.json, preprocessor_config.json and README.md
 are there, nothing that would be uploaded is pickled, the model card's metadata parses, and a copy of exactly the
@@ -26,7 +28,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, get_token
 from huggingface_hub import constants as hf_constants
 
-from vivit_medmnist.publishing import PUBLISH_ALLOW_PATTERNS, check_folder, stage_for_upload
+from vivit_medmnist.publishing import check_folder, left_out_files, stage_for_upload
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -83,9 +85,9 @@ def main(argv=None) -> None:
     )
     for name, size in check.files.items():
         print(f"  {name:<40} {human_size(size):>10}")
-    print(
-        f"  total {human_size(sum(check.files.values()))} (allow-list: {', '.join(PUBLISH_ALLOW_PATTERNS)})"
-    )
+    print(f"  total {human_size(sum(check.files.values()))}")
+    if left_out := left_out_files(folder):
+        print(f"Left out (not needed by the model): {', '.join(left_out)}")
     if not check.ok:
         print("Check FAILED:\n- " + "\n- ".join(check.problems), file=sys.stderr)
         sys.exit(1)
@@ -109,8 +111,7 @@ def main(argv=None) -> None:
                 api.create_branch(args.repo_id, branch=args.revision, exist_ok=True)
             commit = api.upload_folder(
                 repo_id=args.repo_id,
-                folder_path=staging,
-                allow_patterns=PUBLISH_ALLOW_PATTERNS,
+                folder_path=staging,  # exactly the staged files
                 revision=args.revision,
                 commit_message=args.commit_message or f"Upload ViViT-MedMNIST model from {folder.name}",
             )

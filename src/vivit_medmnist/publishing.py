@@ -8,14 +8,14 @@ check_folder("outputs/run").raise_for_problems()  # files, no pickles, loads wit
 ```
 
 Training checkpoints (`<folder>/checkpoints/`, holding pickled `optimizer.pt`, `rng_state.pth`,
-`training_args.bin`) and anything else outside `PUBLISH_ALLOW_PATTERNS` are never published.
+`training_args.bin`) and anything else the model does not need (`publishable_files`) are never published.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,19 +26,19 @@ from pathlib import Path
 
 import numpy as np
 
-# What gets uploaded: matched against the names of the files at the TOP level of the folder only. (huggingface_hub's
-# own pattern matching lets `*` cross "/", so "*.safetensors" would also match checkpoints/*/model.safetensors:
-# `publishable_files` therefore never looks into subfolders, and `publish.py` uploads a staged copy of exactly
-# these files.)
-PUBLISH_ALLOW_PATTERNS = [
-    "*.safetensors",
-    "config.json",
-    "preprocessor_config.json",
-    "*.py",
-    "README.md",
-    "*.png",
-    "*results.json",
-]
+# What gets uploaded is exactly what the model needs, derived from the folder itself (`publishable_files`): the
+# weights and configs, the code files that config.json's and preprocessor_config.json's `auto_map` and the
+# pipeline entry of `custom_pipelines` name (and the sibling modules those import), the model card and the images
+# it shows, and the metrics train.py writes. Anything else at the top of the folder (a user's script, notes) is
+# left out and listed by `left_out_files`; subfolders (checkpoints/) are never looked into.
+MODEL_FILES = ("model.safetensors", "config.json", "preprocessor_config.json", "README.md")
+RESULT_FILES = (
+    "all_results.json",
+    "train_results.json",
+    "eval_results.json",
+    "test_results.json",
+    "train_eval_results.json",
+)
 
 
 # Without these a folder is not a usable model repository.
@@ -64,21 +64,84 @@ def check_model_path(name: str) -> str | None:
 
 
 def publishable_files(folder: str | os.PathLike) -> list[str]:
-    """The names of the files of `folder` that would be uploaded: top-level files matching
-    `PUBLISH_ALLOW_PATTERNS` whose extension is not a pickle one, sorted. Subfolders (checkpoints/, runs/) are
-    never looked into."""
+    """The names of the files of `folder` that would be uploaded, sorted: `MODEL_FILES`, the code the configs
+    name (`code_files`), the images the model card links to, and `RESULT_FILES`, where they exist at the top of
+    the folder. Nothing with a pickle extension; subfolders (checkpoints/, runs/) are never looked into."""
     folder = Path(folder)
     if not folder.is_dir():
         raise NotADirectoryError(
             f"{folder} is not a folder (expected a model folder written by vivit-medmnist-train)"
         )
-    names = []
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.name.lower().endswith(PICKLE_SUFFIXES):
+    wanted = {*MODEL_FILES, *RESULT_FILES, *code_files(folder), *card_images(folder)}
+    return sorted(
+        name
+        for name in wanted
+        if (folder / name).is_file() and "/" not in name and not name.lower().endswith(PICKLE_SUFFIXES)
+    )
+
+
+def left_out_files(folder: str | os.PathLike) -> list[str]:
+    """What else is at the top of `folder` and is not uploaded (subfolders end with '/')."""
+    from .safe_io import LOCK_NAME
+
+    folder = Path(folder)
+    published = {*publishable_files(folder), LOCK_NAME}
+    return sorted(
+        path.name + ("/" if path.is_dir() else "") for path in folder.iterdir() if path.name not in published
+    )
+
+
+_RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import\s", re.MULTILINE)
+
+
+def code_files(folder: str | os.PathLike) -> list[str]:
+    """The Python files the model needs where this package is not installed: the modules named by config.json's
+    `auto_map` and `custom_pipelines` and by preprocessor_config.json's `auto_map` (entries such as
+    "modeling_vivit_medmnist.VivitMedmnistModel"; "repo--module.Class" lives elsewhere), and the sibling modules
+    they import relatively (`from .configuration_vivit_medmnist import ...`), transitively."""
+    folder = Path(folder)
+    references = []
+    for name, keys in (("config.json", ("auto_map", "custom_pipelines")), ("preprocessor_config.json", ("auto_map",))):
+        try:
+            config = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
             continue
-        if any(fnmatch.fnmatchcase(path.name, pattern) for pattern in PUBLISH_ALLOW_PATTERNS):
-            names.append(path.name)
-    return names
+        for key in keys:
+            references += _class_references(config.get(key))
+    modules = {ref.rsplit(".", 1)[0] for ref in references if "--" not in ref and "." in ref}
+    found, todo = set(), [f"{module}.py" for module in modules]
+    while todo:
+        name = todo.pop()
+        path = folder / name
+        if name in found or not path.is_file():
+            continue
+        found.add(name)
+        todo += [f"{module}.py" for module in _RELATIVE_IMPORT.findall(path.read_text(encoding="utf-8"))]
+    return sorted(found)
+
+
+def _class_references(value) -> list[str]:
+    """The "module.Class" strings of an `auto_map` or `custom_pipelines` value (nested dicts/lists)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        items = [v for k, v in value.items() if k != "pt" and k != "tf" and k != "type"]
+        return [ref for item in items for ref in _class_references(item)]
+    if isinstance(value, (list, tuple)):
+        return [ref for item in value if item is not None for ref in _class_references(item)]
+    return []
+
+
+_MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def card_images(folder: str | os.PathLike) -> list[str]:
+    """The files of `folder` that its README.md shows as images (`![...](name.png)`, relative links)."""
+    try:
+        text = (Path(folder) / "README.md").read_text(encoding="utf-8")
+    except OSError:
+        return []
+    return sorted({link for link in _MARKDOWN_IMAGE.findall(text) if "://" not in link and not link.startswith("/")})
 
 
 def _is_pickle_bytes(head: bytes) -> bool:

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["check_new_output", "same_path", "staged_files", "write_text_atomic"]
+__all__ = ["FolderInUse", "check_new_output", "is_inside", "lock_folder", "same_path", "staged_files", "unlock_folder", "write_text_atomic"]
 
 
 def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -26,7 +26,8 @@ def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return a.resolve() == b.resolve()
 
 
-def _inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether `path` lies inside `folder` (through symlinks and relative paths; not `folder` itself)."""
     return Path(folder).expanduser().resolve() in Path(path).expanduser().resolve().parents
 
 
@@ -42,7 +43,7 @@ def check_new_output(
     `overwrite_flag`."""
     path = Path(path)
     for source in inputs:
-        if same_path(path, source) or (Path(source).is_dir() and _inside(path, source)):
+        if same_path(path, source) or (Path(source).is_dir() and is_inside(path, source)):
             raise FileExistsError(
                 f"{option} {path} is an input of this command, or inside one ({source}); refusing to overwrite it"
             )
@@ -88,3 +89,47 @@ def staged_files(folder: str | os.PathLike) -> Iterator[Path]:
             os.replace(path, folder / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+LOCK_NAME = ".vivit-medmnist.lock"
+
+
+class FolderInUse(ValueError):
+    """Another process holds the folder's lock."""
+
+
+def lock_folder(folder: str | os.PathLike, option: str = "--output_dir"):
+    """Take the exclusive lock of `folder` (created if needed) for as long as the returned file stays open, or
+    raise FolderInUse naming the process that holds it. The lock is the kernel's (`flock` on `LOCK_NAME` in the
+    folder): a process that dies, even by SIGKILL, releases it, so no stale lock is ever left behind. Where
+    `fcntl` does not exist (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK_NAME, "a+")  # noqa: SIM115 -- held open for the run's lifetime
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise FolderInUse(
+            f"{option} {folder} is in use by a training run that is still going ({holder}); wait for it to end, "
+            "or choose another folder"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def unlock_folder(handle) -> None:
+    """Release a `lock_folder` lock and remove its file (a lock file left by a killed process holds no lock)."""
+    if handle is None:
+        return
+    Path(handle.name).unlink(missing_ok=True)
+    handle.close()

@@ -14,45 +14,52 @@ import time
 from transformers import set_seed
 
 from vivit_medmnist.arguments import parse_args
+from vivit_medmnist.calibration import calibrate
+from vivit_medmnist.checkpoints import set_aside
 from vivit_medmnist.model_card import hub_id, training_summary
 from vivit_medmnist.model_folder import save_publishable_folder, save_results
-from vivit_medmnist.safe_io import staged_files
+from vivit_medmnist.safe_io import staged_files, unlock_folder
 from vivit_medmnist.trainer_setup import (
-    attention_for,
     build_image_processor,
     build_model,
     build_trainer,
     check_output_dir,
     describe_device,
+    fail,
     finish_distributed,
     load_data,
+    lock_output_dir,
     remove_checkpoints,
     resolve_checkpoint,
     setup_logging,
+    speed_up,
 )
 
-logger = logging.getLogger("train")
+logger = logging.getLogger("vivit_medmnist.train")  # not __name__: `python -m` names it __main__
 
 
 def main(argv=None):
     run = parse_args(argv)
     setup_logging(run.training)
-    logger.setLevel(logging.INFO if run.training.should_log else logging.WARNING)
     logger.info(f"{describe_device(run.training)} output_dir={run.output_dir}")
     try:
-        # Bad arguments and missing data end here with the message, not a traceback.
-        check_output_dir(run)  # a finished model there is replaced only when the user asked
-        checkpoint = resolve_checkpoint(run.training, overwrite=run.overwrite_output_dir)
+        # Bad arguments and missing data end here with the message, not a traceback; nothing is written before
+        # the checks pass.
+        checkpoint, damaged = resolve_checkpoint(run.training, overwrite=run.overwrite_output_dir)
+        check_output_dir(run, checkpoint)  # a finished model there is replaced only when the user asked
         with run.training.main_process_first(desc="loading the data"):  # the first run downloads it once
             data = load_data(run.data)
         label_names = data["train"].features["label"].names
         set_seed(run.training.seed)  # before the model is made: its initial weights depend on it
-        attention = attention_for(run.training.device)  # decided once, here: see attention_for
-        model = build_model(run.model, label_names, run.data.size, run.recipe_override_keys, attention)
+        model = build_model(run.model, label_names, run.data.size, run.recipe_override_keys)
+        speed_up(model, run.training.device)  # decided once, here, never saved: see trainer_setup.speed_up
         image_processor = build_image_processor(run.model)
+        lock = lock_output_dir(run)  # a second run on this folder is refused while this one goes on
     except (ValueError, OSError) as err:
         finish_distributed(wait=False)
-        raise SystemExit(f"error: {err}") from None
+        fail(err)
+    if run.training.process_index == 0:
+        set_aside(damaged)  # damaged checkpoints newer than the one resumed, renamed with a warning
 
     trainer = build_trainer(model, image_processor, data, run)
     if checkpoint is not None:
@@ -62,15 +69,18 @@ def main(argv=None):
     start = time.perf_counter()
     train_metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
     train_seconds = time.perf_counter() - start
-    eval_metrics = trainer.evaluate()  # the final model (the best one with --load_best_model_at_end)
+    # the final model (the best one with --load_best_model_at_end) on validation
+    validation = trainer.predict(data["validation"], metric_key_prefix="eval")
     # Does the final model fit its training data? The training split without augmentation: train_eval_*.
     fit_metrics = trainer.evaluate(data["train"], metric_key_prefix="train_eval")
     test = trainer.predict(data["test"], metric_key_prefix="test")  # the only look at the test set
+    # temperature scaling, fitted on validation and saved in the config; test's calibration measured with it
+    eval_calibrated, test_calibrated = calibrate(trainer.model.config, validation, test)
     splits = (
         ("train", train_metrics),
         ("train_eval", fit_metrics),
-        ("eval", eval_metrics),
-        ("test", test.metrics),
+        ("eval", {**validation.metrics, **eval_calibrated}),
+        ("test", {**test.metrics, **test_calibrated}),
     )
     for split, metrics in splits:
         trainer.log_metrics(split, metrics)
@@ -93,9 +103,11 @@ def main(argv=None):
                 training_summary=training_summary(run, trainer, data, train_seconds),
                 split_sizes={split: len(rows) for split, rows in data.items()},
                 base_model=hub_id(run.model.model_name_or_path),
+                test_volumes=data["test"].with_format("numpy")["volume"],
             )
         logger.info(f"publishable folder: {run.output_dir} (checkpoints in {run.training.output_dir})")
     finish_distributed()
+    unlock_folder(lock)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import datasets
 import numpy as np
@@ -23,12 +24,14 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from . import checkpoints, set_verbosity
 from .arguments import (
     RESUME_LAST,
     DataArguments,
     ModelArguments,
+    OptionError,
     RunArguments,
     format_overrides,
     format_value,
@@ -43,22 +46,35 @@ from .metrics import compute_metrics
 from .modeling_vivit_medmnist import VivitMedmnistForVideoClassification
 from .publishing import publishable_files
 from .resolution import transfer_resolution
-from .safe_io import same_path
+from .safe_io import is_inside, lock_folder, same_path
 
 logger = logging.getLogger(__name__)
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
-    """Our messages at INFO on the main process (WARNING on the others); transformers/datasets at `log_level`."""
+    """Every module's messages at INFO on the main process (WARNING on the others), through the package's one
+    logger (`vivit_medmnist.set_verbosity`); transformers/datasets at `log_level`."""
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%Y-%m-%d %H:%M:%S",
         handlers=[logging.StreamHandler(sys.stdout)],
     )
-    logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    set_verbosity(logging.INFO if training_args.should_log else logging.WARNING)
     log_level = training_args.get_process_log_level()
     transformers.utils.logging.set_verbosity(log_level)
     datasets.utils.logging.set_verbosity(log_level)
+
+
+def fail(err: Exception) -> NoReturn:
+    """End the command with one `error:` line: exit status 2 for an option mistake (`OptionError`), 1 for the
+    rest (files, data)."""
+    print(f"error: {err}", file=sys.stderr)
+    raise SystemExit(2 if isinstance(err, OptionError) else 1)
+
+
+def lock_output_dir(run: RunArguments):
+    """The lock of `--output_dir` (`safe_io.lock_folder`), taken by the main process; None on the others."""
+    return lock_folder(run.output_dir) if run.training.process_index == 0 else None
 
 
 def describe_device(training_args: TrainingArguments) -> str:
@@ -66,14 +82,16 @@ def describe_device(training_args: TrainingArguments) -> str:
     return f"world_size={training_args.world_size} device={training_args.device.type}"
 
 
-def check_output_dir(run: RunArguments) -> None:
+def check_output_dir(run: RunArguments, checkpoint: str | None) -> None:
     """ValueError when the run would replace something the user did not ask to replace: a finished model in
-    `--output_dir` (its publishable files), in particular the model being fine-tuned. Resuming continues the
-    run that folder belongs to, so it may replace its files; `--overwrite_output_dir` allows a new run to."""
+    `--output_dir` (its publishable files), in particular the model being fine-tuned. Resuming from a checkpoint
+    of that folder's own run (`checkpoint`, inside its checkpoints/) continues that run, so it may replace its
+    files; `--overwrite_output_dir` allows a new run to. A checkpoint of another run makes a new run here."""
     folder = run.output_dir
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--output_dir {folder} is a file; expected a folder to write the model into")
-    if run.overwrite_output_dir or run.training.resume_from_checkpoint is not None or not folder.is_dir():
+    own_checkpoint = checkpoint is not None and is_inside(checkpoint, run.training.output_dir)
+    if run.overwrite_output_dir or own_checkpoint or not folder.is_dir():
         return
     source = run.model.model_name_or_path
     if source is not None and Path(source).is_dir() and same_path(source, folder):
@@ -82,9 +100,10 @@ def check_output_dir(run: RunArguments) -> None:
             "replace it. Choose another --output_dir, or pass --overwrite_output_dir to replace it."
         )
     if existing := publishable_files(folder):
+        resumed = f" and --resume_from_checkpoint {checkpoint} is another run's" if checkpoint else ""
         raise ValueError(
-            f"--output_dir {folder} already holds a model ({', '.join(existing)}). Choose another --output_dir, "
-            "or pass --overwrite_output_dir to replace it."
+            f"--output_dir {folder} already holds a model ({', '.join(existing)}){resumed}. Choose another "
+            "--output_dir, or pass --overwrite_output_dir to replace it."
         )
 
 
@@ -96,29 +115,22 @@ def remove_checkpoints(training_args: TrainingArguments) -> None:
         shutil.rmtree(checkpoint)
 
 
-def resolve_checkpoint(training_args: TrainingArguments, overwrite: bool = False) -> str | None:
-    """The checkpoint to resume from (None: a new run). ValueError when resuming is impossible or unsafe."""
+def resolve_checkpoint(training_args: TrainingArguments, overwrite: bool = False) -> tuple[str | None, list]:
+    """The checkpoint to resume from (None: a new run) and the damaged ones to set aside, see
+    `vivit_medmnist.checkpoints.resolve_checkpoint`. ValueError when resuming is impossible, or when a new run
+    would mix its checkpoints with another run's."""
     checkpoint_dir = Path(training_args.output_dir)
-    existing = get_last_checkpoint(checkpoint_dir) if checkpoint_dir.is_dir() else None
     requested = training_args.resume_from_checkpoint
     if requested is None:
-        if existing is not None and not overwrite:
+        existing = sorted(checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")) if checkpoint_dir.is_dir() else []
+        if existing and not overwrite:
             raise ValueError(
-                f"{checkpoint_dir} already holds checkpoints (newest: {existing}) of another run. Continue it with "
-                "--resume_from_checkpoint, choose another --output_dir, or pass --overwrite_output_dir to start "
-                "afresh (the old checkpoints are deleted)."
+                f"{checkpoint_dir} already holds checkpoints ({', '.join(p.name for p in existing[-3:])}) of another "
+                "run. Continue it with --resume_from_checkpoint, choose another --output_dir, or pass "
+                "--overwrite_output_dir to start afresh (the old checkpoints are deleted)."
             )
-        return None
-    if requested == RESUME_LAST:
-        if existing is None:
-            raise ValueError(
-                f"--resume_from_checkpoint: no checkpoint-* folder in {checkpoint_dir} to resume from. "
-                "Drop the flag to start a new run."
-            )
-        return existing
-    if not Path(requested).is_dir():
-        raise ValueError(f"--resume_from_checkpoint: {requested} is not a checkpoint folder")
-    return requested
+        return None, []
+    return checkpoints.resolve_checkpoint(checkpoint_dir, requested, RESUME_LAST)
 
 
 def load_data(data_args: DataArguments) -> datasets.DatasetDict:
@@ -148,11 +160,19 @@ TRAINING_ONLY_FIELDS = (
 )
 
 
-def attention_for(device: torch.device) -> str:
-    """The attention implementation a run on `device` trains with: on CPU the eager one, faster there than torch's
-    SDPA for this model's short sequences and with attention dropout (benchmarks/README.md); SDPA elsewhere. It is
-    the run's choice only: a saved model loads with the default (SDPA) wherever it goes."""
-    return "eager" if device.type == "cpu" else "sdpa"
+def speed_up(model, device: torch.device) -> None:
+    """The run's speed choices, made once here and never saved with the model. On a CPU:
+    `cpu_speed.speed_up_for_cpu` (the `vivit_cpu` attention, the conv stem channels-last) and
+    `cpu_speed.keep_freed_memory`; bf16 autocast is `--bf16`, on by default where the CPU has native bf16
+    (`arguments.build_parser`). On a GPU the model's default SDPA. Measured in benchmarks/README.md."""
+    if device.type != "cpu":
+        return
+    from .cpu_speed import keep_freed_memory, speed_up_for_cpu
+
+    changed = speed_up_for_cpu(model)
+    if keep_freed_memory():
+        changed.append("freed memory kept (glibc)")
+    logger.info(f"CPU speed choices: {', '.join(changed) or 'none'}")
 
 
 def build_model(
@@ -160,7 +180,6 @@ def build_model(
     label_names: Sequence[str],
     size: int,
     recipe_override_keys: frozenset[str] = frozenset(),
-    attn_implementation: str | None = None,
 ):
     """A new model for `size`^3 volumes, or the saved one to fine-tune (a new head if the label count differs).
 
@@ -170,18 +189,8 @@ def build_model(
     another volume size than `size` is transferred to it (`vivit_medmnist.resolution.transfer_resolution`), with
     the `tubelet_size` and `conv_stem_scale` overrides, if any, as its new tubelet size and stem scale.
 
-    `attn_implementation` ("eager", "sdpa", ...) is set on the built model when given.
-
     Raises ValueError (bad or refused overrides, volume size mismatch, unreadable model).
     """
-    model = _build_model(model_args, label_names, size, recipe_override_keys)
-    if attn_implementation is not None:
-        model.set_attn_implementation(attn_implementation)
-        logger.info(f"attention implementation: {attn_implementation}")
-    return model
-
-
-def _build_model(model_args, label_names, size, recipe_override_keys):
     labels = {
         "num_labels": len(label_names),
         "id2label": dict(enumerate(label_names)),
@@ -196,8 +205,8 @@ def _build_model(model_args, label_names, size, recipe_override_keys):
             return VivitMedmnistForVideoClassification(
                 VivitMedmnistConfig(volume_size=size, **labels, **overrides)
             )
-        except (StrictDataclassError, TypeError) as err:  # the config's type checks
-            raise ValueError(f"invalid model configuration: {err}") from err
+        except (StrictDataclassError, TypeError, ValueError) as err:  # the config's checks
+            raise OptionError(f"--config_overrides: invalid model configuration: {err}") from err
     try:
         saved = AutoConfig.from_pretrained(path)
         # another volume size: a resolution transfer, whose tubelet size may change too
@@ -212,9 +221,9 @@ def _build_model(model_args, label_names, size, recipe_override_keys):
         model = AutoModelForVideoClassification.from_pretrained(
             path, ignore_mismatched_sizes=new_head, **labels, **overrides
         )
-    except (OSError, ValueError, StrictDataclassError) as err:
-        if isinstance(err, RefusedOverrides):
-            raise
+    except RefusedOverrides:
+        raise
+    except Exception as err:
         raise ValueError(f"--model_name_or_path {path}: cannot load a model: {err}") from err
     if new_head:
         logger.info(f"fine-tuning {path}: a new classification head for {len(label_names)} classes")
@@ -226,7 +235,7 @@ def _build_model(model_args, label_names, size, recipe_override_keys):
     return model
 
 
-class RefusedOverrides(ValueError):
+class RefusedOverrides(OptionError):
     """Command-line config overrides that would change the architecture of the model being fine-tuned."""
 
 

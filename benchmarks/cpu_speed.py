@@ -1,0 +1,290 @@
+#!/usr/bin/env python
+"""The stem model's CPU speed: a commit's code as train.py / evaluate.py ran it, against today's speed choices.
+
+    python benchmarks/cpu_speed.py                                   # before = 57e35e2 (issue 22's start)
+    python benchmarks/cpu_speed.py --threads 1 --rounds 30 --json out.json
+    python benchmarks/cpu_speed.py --ablation                        # also each choice alone, and in turn
+    python benchmarks/cpu_speed.py --keep_freed_memory               # the whole process with cpu_speed's malloc setting
+
+The model is `recipes/medmnist3d.yaml`'s: the Keras reference with the convolutional stem ([32, 64, 128],
+tubelet 1: 64 tokens), drop-path 0.1, attention dropout 0.1, 2 labels. One random batch (32, 28, 1, 28, 28).
+
+- `before`: the configuration and model files of `--before_commit` (read with `git show` into a temporary
+  package, so later changes to the model file cannot move the yardstick), trained as `train.py` trained it on a
+  CPU there: eager attention, float32, `torch.optim.AdamW` (the Trainer's `adamw_torch`); inference as
+  `evaluate.py` / `predict.py` ran it: the default SDPA, float32.
+- `after`: today's files and what `train.py` / the inference commands do now on this CPU:
+  `cpu_speed.speed_up_for_cpu` (the `vivit_cpu` attention, channels-last stem), bf16 autocast where the CPU has
+  native bf16 (`cpu_speed.native_bf16()`), and `--optim`'s AdamW (the recipes' `adamw_torch`).
+- `--ablation` adds today's model with each choice alone (`attention`, `channels_last`, `bf16`, `fused_adamw`)
+  and `torch_compile`: `torch.compile` (default mode; compiled during warm-up) of today's model with eager
+  attention (one graph, no breaks: `vivit_cpu`'s mask breaks the graph), channels-last and `after`'s bf16.
+  `freed_memory` is `before`'s model and path with `cpu_speed.keep_freed_memory()` alone.
+
+Each variant runs in a process of its own (`--threads` torch threads), so that process-wide settings (the
+allocator's, which `after` applies as `train.py` does) stay with it and variants do not share caches or heap;
+the parent asks the processes for one step at a time, so they never run at once.
+
+A training step is forward with labels (cross-entropy) + backward + optimizer step, `model.train()`; an inference
+step is a forward in `model.eval()` under `torch.inference_mode()`. Variants run in interleaved rounds (the order
+reversed every other round), `--steps` timed steps each per round after `--warmup` untimed ones; a variant's
+throughput is batch / median step. Ratios to `before`: the median of per-round ratios (robust on a shared, noisy
+machine) and the ratio of the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+STEM = {"conv_stem_channels": [32, 64, 128], "tubelet_size": 1, "drop_path_rate": 0.1, "num_labels": 2}
+MODEL_FILES = ("configuration_vivit_medmnist.py", "modeling_vivit_medmnist.py")
+MODES = ("train", "inference")
+
+
+def write_commit_package(commit: str, folder: Path) -> None:
+    """Write the config and model files of `commit` into `folder` as the package `vivit_medmnist_at_<commit>`."""
+    name = f"vivit_medmnist_at_{commit}"
+    package = folder / name
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text("")
+    for filename in MODEL_FILES:
+        text = subprocess.run(
+            ["git", "show", f"{commit}:src/vivit_medmnist/{filename}"],
+            cwd=REPO, capture_output=True, text=True, check=True,
+        ).stdout
+        (package / filename).write_text(text)
+
+
+class Variant:
+    """One way of running the stem model: its model, optimizer, batch and autocast."""
+
+    def __init__(self, spec, modeling, *, attention, speed_up, bf16, fused, compile_model, batch_size):
+        torch.manual_seed(0)
+        config = modeling.VivitMedmnistConfig(**STEM)
+        self.model = modeling.VivitMedmnistForVideoClassification(config)
+        self.attention = attention  # mode -> implementation
+        if speed_up:
+            from vivit_medmnist.cpu_speed import speed_up_for_cpu
+
+            speed_up_for_cpu(self.model, **speed_up)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=5e-4, weight_decay=0.05, fused=fused)
+        self.forward = torch.compile(self.model) if compile_model else self.model
+        self.bf16 = bf16
+        generator = torch.Generator().manual_seed(0)
+        self.pixel_values = torch.rand(batch_size, 28, 1, 28, 28, generator=generator)
+        self.labels = torch.randint(0, 2, (batch_size,), generator=generator)
+
+    def autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def step(self, mode: str) -> float:
+        if mode == "train":
+            self.model.train()
+            self._set_attention("train")
+            start = time.perf_counter()
+            self.optimizer.zero_grad(set_to_none=True)
+            with self.autocast():
+                loss = self.forward(pixel_values=self.pixel_values, labels=self.labels).loss
+            loss.backward()
+            self.optimizer.step()
+            return time.perf_counter() - start
+        self.model.eval()
+        self._set_attention("inference")
+        start = time.perf_counter()
+        with torch.inference_mode(), self.autocast():
+            self.forward(pixel_values=self.pixel_values)
+        return time.perf_counter() - start
+
+    def _set_attention(self, mode: str) -> None:
+        if self.model.config._attn_implementation != self.attention[mode]:
+            self.model.set_attn_implementation(self.attention[mode])
+
+
+def variant_specs(args) -> dict[str, dict]:
+    """name -> how that variant builds and runs its model (see the module docstring)."""
+    from vivit_medmnist.cpu_speed import CPU_ATTENTION, native_bf16
+
+    bf16 = native_bf16() if args.bf16 == "auto" else args.bf16 == "true"
+    plain = {"train": "eager", "inference": "sdpa"}
+    fast = {"train": CPU_ATTENTION, "inference": CPU_ATTENTION}
+    now = {"modeling": "now", "attention": plain, "speed_up": None, "bf16": False, "fused": False,
+           "compile": False, "keep_freed_memory": False}
+    specs = {
+        "before": {**now, "modeling": "before"},
+        "after": {**now, "attention": fast, "speed_up": {"attention": True, "channels_last": True}, "bf16": bf16,
+                  "fused": args.optim == "adamw_torch_fused", "keep_freed_memory": True},
+    }
+    if args.ablation:
+        specs.update(
+            {
+                "attention": {**now, "attention": fast},
+                "channels_last": {**now, "speed_up": {"attention": False, "channels_last": True}},
+                "bf16": {**now, "bf16": True},
+                "fused_adamw": {**now, "fused": True},
+                "freed_memory": {**now, "keep_freed_memory": True},
+                # eager attention: the model compiles to one graph (torch._dynamo.explain); vivit_cpu's mask breaks it
+                "torch_compile": {**now, "speed_up": {"attention": False, "channels_last": True}, "bf16": bf16,
+                                  "compile": True, "keep_freed_memory": True},
+            }
+        )
+    return specs
+
+
+def child(connection, spec: dict, args, before_folder: str) -> None:
+    """One variant in its own process (its own threads, allocator setting and memory): build it, then time the
+    steps the parent asks for, one at a time."""
+    torch.set_num_threads(args.threads)
+    from vivit_medmnist import cpu_speed, modeling_vivit_medmnist
+
+    if spec["keep_freed_memory"]:
+        cpu_speed.keep_freed_memory()
+    if spec["modeling"] == "before":
+        sys.path.insert(0, before_folder)
+        modeling = importlib.import_module(f"vivit_medmnist_at_{args.before_commit}.modeling_vivit_medmnist")
+    else:
+        modeling = modeling_vivit_medmnist
+    variant = Variant(
+        spec, modeling, attention=spec["attention"], speed_up=spec["speed_up"], bf16=spec["bf16"],
+        fused=spec["fused"], compile_model=spec["compile"], batch_size=args.batch_size,
+    )
+    while (mode := connection.recv()) is not None:
+        connection.send(variant.step(mode))
+
+
+def measure(specs: dict[str, dict], args, before_folder: str) -> dict:
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    names, workers = list(specs), {}
+    for name in names:
+        parent, child_end = context.Pipe()
+        process = context.Process(target=child, args=(child_end, specs[name], args, before_folder), daemon=True)
+        process.start()
+        workers[name] = (process, parent)
+    try:
+        def step(name: str, mode: str) -> float:
+            workers[name][1].send(mode)
+            return workers[name][1].recv()
+
+        for name in names:
+            start = time.perf_counter()
+            for mode in MODES:
+                for _ in range(args.warmup):
+                    step(name, mode)
+            print(f"warm-up {name}: {time.perf_counter() - start:.1f} s", flush=True)
+        times = {name: {mode: [] for mode in MODES} for name in names}
+        for index in range(args.rounds):
+            order = names if index % 2 == 0 else names[::-1]
+            for mode in MODES:
+                for name in order:
+                    times[name][mode].append(statistics.median(step(name, mode) for _ in range(args.steps)))
+            line = "  ".join(
+                f"{n} {1000 * times[n]['train'][-1]:.0f}/{1000 * times[n]['inference'][-1]:.0f}" for n in names
+            )
+            print(f"round {index + 1}/{args.rounds} (train/inference ms): {line}", flush=True)
+    finally:
+        for process, connection in workers.values():
+            if process.is_alive():
+                connection.send(None)
+            process.join(timeout=30)
+    results = {}
+    for name in names:
+        results[name] = {}
+        for mode in MODES:
+            rounds, base = times[name][mode], times["before"][mode]
+            results[name][mode] = {
+                "median_step_ms": 1000 * statistics.median(rounds),
+                "volumes_per_s": args.batch_size / statistics.median(rounds),
+                "speedup_median_of_rounds": statistics.median(b / t for b, t in zip(base, rounds)),
+                "speedup_of_medians": statistics.median(base) / statistics.median(rounds),
+                "round_step_ms": [1000 * t for t in rounds],
+            }
+    return results
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--before_commit", default="57e35e2", help="the commit whose model files are 'before'")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per variant, mode and round")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--bf16", choices=["auto", "true", "false"], default="auto", help="for 'after' (default: native)")
+    parser.add_argument("--optim", default="adamw_torch", help="'after''s optimizer, as the recipe's: adamw_torch or adamw_torch_fused")
+    parser.add_argument("--ablation", action="store_true", help="also each choice alone, and torch.compile")
+    parser.add_argument("--tiny", action="store_true", help="smoke test: batch 2, 1 round, no warm-up")
+    parser.add_argument("--json", help="write the settings, the machine and every number here")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.batch_size, args.rounds, args.steps, args.warmup = 2, 1, 1, 0
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from vivit_medmnist import cpu_speed
+
+    specs = variant_specs(args)
+    with tempfile.TemporaryDirectory(prefix="cpu-speed-") as tmp:
+        write_commit_package(args.before_commit, Path(tmp))
+        results = measure(specs, args, tmp)
+    import transformers
+
+    report = {
+        "settings": {k: v for k, v in vars(args).items() if k != "json"},
+        "machine": {
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "processor": _cpu_name(),
+            "native_bf16": cpu_speed.native_bf16(),
+            "variants": specs,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        },
+        "results": results,
+    }
+    print(f"\n{report['machine']['processor']}, {args.threads} thread(s), batch {args.batch_size}, "
+          f"{args.rounds} rounds, native bf16: {report['machine']['native_bf16']}")
+    print(f"{'variant':<16}{'train ms':>10}{'x before':>10}{'(medians)':>11}{'infer ms':>10}{'x before':>10}{'(medians)':>11}")
+    for name, modes in results.items():
+        train, infer = modes["train"], modes["inference"]
+        print(
+            f"{name:<16}{train['median_step_ms']:>10.1f}{train['speedup_median_of_rounds']:>10.2f}"
+            f"{train['speedup_of_medians']:>11.2f}{infer['median_step_ms']:>10.1f}"
+            f"{infer['speedup_median_of_rounds']:>10.2f}{infer['speedup_of_medians']:>11.2f}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Calibrated probabilities: expected calibration error, Brier score and temperature scaling.
+
+```python
+from vivit_medmnist.calibration import expected_calibration_error, brier_score, fit_temperature
+
+temperature = fit_temperature(validation_logits, validation_labels)  # one scalar > 0 (Guo et al. 2017)
+probabilities = softmax(test_logits / temperature)
+expected_calibration_error(probabilities, test_labels)  # 15 equal-width bins of the top-class confidence
+```
+
+`train.py` fits the temperature on the validation split after training and saves it in the model's config
+(`calibration_temperature`); the pipeline, `predict.py` and the demo divide the logits by it. The model itself
+still returns raw logits: a calibrated probability is `softmax(logits / config.calibration_temperature)`, which
+`calibrated_probabilities` computes. Temperature scaling leaves the arg-max (ACC) and every AUC unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, softmax
+
+__all__ = [
+    "ECE_BINS",
+    "brier_score",
+    "calibrate",
+    "calibrated_metrics",
+    "calibrated_probabilities",
+    "expected_calibration_error",
+    "fit_temperature",
+    "reliability_bins",
+]
+
+ECE_BINS = 15  # Guo et al. 2017's number of bins
+
+
+def _labels(labels) -> np.ndarray:
+    return np.asarray(labels).reshape(-1).astype(np.int64)
+
+
+def reliability_bins(probabilities: np.ndarray, labels, bins: int = ECE_BINS) -> list[dict]:
+    """The top-class confidence cut into `bins` equal-width bins of (0, 1]: per bin its range, the number of
+    volumes, their mean confidence and their accuracy (None for an empty bin)."""
+    probabilities, labels = np.asarray(probabilities, dtype=np.float64), _labels(labels)
+    confidence = probabilities.max(-1)
+    correct = probabilities.argmax(-1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # bin i holds confidences in (edges[i], edges[i + 1]]; a confidence of exactly 0 goes to the first bin
+    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    out = []
+    for i in range(bins):
+        members = index == i
+        count = int(members.sum())
+        out.append(
+            {
+                "low": float(edges[i]),
+                "high": float(edges[i + 1]),
+                "count": count,
+                "confidence": float(confidence[members].mean()) if count else None,
+                "accuracy": float(correct[members].mean()) if count else None,
+            }
+        )
+    return out
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels, bins: int = ECE_BINS) -> float:
+    """ECE (Naeini et al. 2015; Guo et al. 2017): the count-weighted mean |accuracy - confidence| over `bins`
+    equal-width bins of the top-class confidence. 0 is perfect."""
+    table = reliability_bins(probabilities, labels, bins)
+    total = sum(row["count"] for row in table)
+    if total == 0:
+        return float("nan")
+    return float(sum(row["count"] * abs(row["accuracy"] - row["confidence"]) for row in table if row["count"]) / total)
+
+
+def brier_score(probabilities: np.ndarray, labels) -> float:
+    """The multi-class Brier score (Brier 1950): the mean over volumes of the squared distance between the
+    probability vector and the one-hot label, summed over classes (0 is perfect, 2 the worst; for two classes it
+    is twice the binary Brier score of the positive class)."""
+    probabilities, labels = np.asarray(probabilities, dtype=np.float64), _labels(labels)
+    one_hot = np.eye(probabilities.shape[-1])[labels]
+    return float(((probabilities - one_hot) ** 2).sum(-1).mean())
+
+
+def fit_temperature(logits: np.ndarray, labels, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """The temperature T > 0 that minimises the negative log-likelihood of `softmax(logits / T)` on `labels`
+    (temperature scaling, Guo et al. 2017), searched over log T within `bounds`."""
+    logits, labels = np.asarray(logits, dtype=np.float64), _labels(labels)
+    if logits.ndim != 2 or len(logits) != len(labels) or len(labels) == 0:
+        raise ValueError(f"expected logits (N, classes) for N = {len(labels)} labels, got {logits.shape}")
+
+    def nll(log_t: float) -> float:
+        return float(-log_softmax(logits / np.exp(log_t), axis=-1)[np.arange(len(labels)), labels].mean())
+
+    found = minimize_scalar(nll, bounds=tuple(np.log(bounds)), method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(found.x))
+
+
+def calibrated_probabilities(logits: np.ndarray, temperature: float | None) -> np.ndarray:
+    """softmax(logits / temperature) (temperature None: 1, the raw softmax)."""
+    return softmax(np.asarray(logits, dtype=np.float64) / (temperature or 1.0), axis=-1)
+
+
+def calibrate(config, validation, test) -> tuple[dict, dict]:
+    """Fit the temperature on the validation predictions (`Trainer.predict` outputs), store it in `config`
+    (`calibration_temperature`), and return the calibrated ECE and Brier score of validation (where T was
+    fitted: optimistic) and of test (held out), as `eval_calibrated_*` and `test_calibrated_*` metrics; the
+    temperature is in both."""
+    temperature = fit_temperature(_logits(validation.predictions), validation.label_ids)
+    config.calibration_temperature = temperature
+    return calibrated_metrics(validation, temperature, "eval"), calibrated_metrics(test, temperature, "test")
+
+
+def calibrated_metrics(output, temperature: float, prefix: str) -> dict[str, float]:
+    """`<prefix>_calibrated_ece` and `<prefix>_calibrated_brier` of a `Trainer.predict` output with the
+    probabilities `softmax(logits / temperature)`, and `calibration_temperature`."""
+    probabilities = calibrated_probabilities(_logits(output.predictions), temperature)
+    return {
+        f"{prefix}_calibrated_ece": expected_calibration_error(probabilities, output.label_ids),
+        f"{prefix}_calibrated_brier": brier_score(probabilities, output.label_ids),
+        "calibration_temperature": temperature,
+    }
+
+
+def _logits(predictions) -> np.ndarray:
+    return np.asarray(predictions[0] if isinstance(predictions, tuple) else predictions)

@@ -1,0 +1,321 @@
+"""Why the model decided: voxel-aligned explanations of a ViViT-MedMNIST prediction.
+
+```python
+from vivit_medmnist.explain import explain
+
+maps = explain(model, pixel_values, method="occlusion")  # (N, D, H, W) float32, aligned voxel for voxel
+```
+
+Every method returns, per volume, a non-negative map on the volume's own grid: the evidence *for* the target
+class (the predicted one unless `target` is given), except rollout, which says what the pooled output reads
+whatever the class:
+
+- `"rollout"`: attention rollout (Abnar & Zuidema 2020) over the encoder: each block's head-averaged attention
+  plus the identity (the residual), row-normalised, multiplied through the blocks; a token's relevance is its
+  column of the product, read by the pooling (the mean over the tokens, or the CLS row). The factorised encoder
+  rolls out within each temporal slab and over the slabs, and multiplies the two. Token relevance is mapped to
+  voxels by the tokenisation's true geometry (`token_boxes`): each token's receptive field (its tubelet, or
+  through the convolutional stem the voxels its features see), averaged where fields overlap; voxels no token
+  reads (`padding="valid"`) get nothing. Needs attention maps: a model running SDPA is switched to eager
+  attention for the call (and back), with a log line.
+- `"integrated_gradients"`: captum's `IntegratedGradients` of the target logit with respect to the voxels, from
+  an all-zero volume (`steps` steps); the positive part.
+- `"occlusion"`: captum's `Occlusion`: the drop of the target class's probability when a cube of voxels is set
+  to zero, averaged over the cube positions that cover each voxel; the positive part. Model-agnostic: the
+  reference the others are measured against.
+
+Which to trust is measured, not assumed: `benchmarks/explanations.py` scores each method's localisation on the
+synthetic diagnostic (is the peak on the bulge?) and runs the model-parameter randomisation test (Adebayo et
+al. 2018); `DEFAULT_METHOD` is the one that did best (`benchmarks/README.md`). captum is the `explain` extra
+(`pip install 'vivit-medmnist[explain]'`); rollout needs nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+
+from .cpu_speed import CPU_ATTENTION
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_METHOD",
+    "METHODS",
+    "evidence_gallery",
+    "explain",
+    "heatmap_peak",
+    "token_boxes",
+    "tokens_to_voxels",
+]
+
+METHODS = ("rollout", "integrated_gradients", "occlusion")
+DEFAULT_METHOD = "occlusion"  # the best localisation on the synthetic diagnostic, see the module docstring
+
+
+def explain(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    method: str = DEFAULT_METHOD,
+    target: int | Sequence[int] | None = None,
+    *,
+    steps: int = 32,
+    window: int | None = None,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """(N, D, H, W) float32 evidence maps for `pixel_values` (N, D, 1, H, W), see the module docstring.
+
+    `target`: the class to explain, one for all volumes or one per volume (default: each volume's prediction).
+    `steps`: integration steps of integrated gradients. `window`: the occlusion cube's edge (default: the volume's
+    edge / 7, at least 3, moved by three quarters of it). `batch_size`: volumes per forward pass of the perturbation
+    methods. Raises ValueError for an unknown method or input of the wrong shape."""
+    if method not in METHODS:
+        raise ValueError(f"unknown explanation method {method!r}; expected one of {', '.join(METHODS)}")
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 5 or pixel_values.shape[2] != 1:
+        shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+        raise ValueError(f"expected pixel_values (N, D, 1, H, W) as a torch.Tensor, got {shape}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pixel_values = pixel_values.to(device, torch.float32)
+    try:
+        targets = _targets(model, pixel_values, target, batch_size)
+        if method == "rollout":  # class-agnostic: what the pooled output reads
+            maps = _rollout(model, pixel_values)
+        elif method == "integrated_gradients":
+            maps = _integrated_gradients(model, pixel_values, targets, steps, batch_size)
+        else:
+            maps = _occlusion(model, pixel_values, targets, window, batch_size)
+    finally:
+        model.train(was_training)
+    return np.ascontiguousarray(np.clip(maps, 0.0, None), dtype=np.float32)
+
+
+def heatmap_peak(heatmap: np.ndarray) -> tuple[int, int, int]:
+    """The peak of a (D, H, W) map: the centre of mass of its maximal voxels (a token-level map is flat over a
+    token's voxels, where a plain arg-max would pick a corner), rounded to the nearest voxel."""
+    heatmap = np.asarray(heatmap, dtype=np.float64)
+    top = heatmap.max()
+    spread = top - heatmap.min()
+    maximal = np.argwhere(heatmap >= top - 1e-6 * spread) if spread > 0 else np.argwhere(np.ones_like(heatmap))
+    return tuple(int(np.rint(v)) for v in maximal.mean(0))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tokens -> voxels
+# --------------------------------------------------------------------------------------------------------------
+
+
+def token_boxes(config, volume_size: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Per axis (D, H, W), the voxels token i reads: `[start + i * step, start + i * step + span)`, as
+    (start, span, step): through the conv stem's stages (kernel 3s / stride 2s / padding s, then 3 / 2 / 1), then
+    the tubelet projection (kernel `tubelet_size`, stride `stride`, the `padding` before the first tubelet)."""
+    boxes = []
+    padding = config.padding_amounts_for(volume_size)
+    for axis in range(3):
+        start, span, step = 0, 1, 1
+        for stage in range(len(config.conv_stem_channels or ())):
+            scale = config.conv_stem_scale if stage == 0 else 1
+            start -= scale * step
+            span += (3 * scale - 1) * step
+            step *= 2 * scale
+        start -= padding[axis][0] * step
+        span += (config.tubelet_size[axis] - 1) * step
+        step *= config.stride[axis]
+        boxes.append((start, span, step))
+    return boxes
+
+
+def tokens_to_voxels(relevance: torch.Tensor, config, volume_size: Sequence[int]) -> torch.Tensor:
+    """(N, gd, gh, gw) token relevance -> (N, D, H, W): each voxel gets the mean relevance of the tokens whose
+    receptive field (`token_boxes`) holds it, 0 where none does."""
+    boxes = token_boxes(config, volume_size)
+    relevance = relevance.float()
+    starts = [b[0] for b in boxes]
+    kernel = torch.ones((1, 1, *[b[1] for b in boxes]), dtype=relevance.dtype, device=relevance.device)
+    stride = [b[2] for b in boxes]
+    with torch.autocast(relevance.device.type, enabled=False):  # exact sums, whatever the caller's autocast
+        summed = nn.functional.conv_transpose3d(relevance[:, None], kernel, stride=stride)[:, 0]
+        counts = nn.functional.conv_transpose3d(torch.ones_like(relevance[:1, None]), kernel, stride=stride)[:, 0]
+    mean = summed / counts.clamp(min=1)
+    # output index o of an axis is voxel start + o: crop what lies outside [0, size), pad what no token reaches
+    out = mean.new_zeros((relevance.shape[0], *volume_size))
+    source, target = [], []
+    for start, length, size in zip(starts, mean.shape[1:], volume_size):
+        low, high = max(start, 0), min(start + length, size)
+        source.append(slice(low - start, high - start))
+        target.append(slice(low, high))
+    out[(slice(None), *target)] = mean[(slice(None), *source)]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The methods
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _volume_size(pixel_values: torch.Tensor) -> list[int]:
+    return [pixel_values.shape[1], pixel_values.shape[3], pixel_values.shape[4]]
+
+
+def _any_size(model, pixel_values) -> bool:
+    return _volume_size(pixel_values) != list(model.config.volume_size)
+
+
+@torch.no_grad()
+def _targets(model, pixel_values, target, batch_size) -> torch.Tensor:
+    """One class per volume: `target` checked, or each volume's prediction."""
+    n = pixel_values.shape[0]
+    if target is None:
+        logits = torch.cat(
+            [
+                model(pixel_values=chunk, interpolate_pos_encoding=_any_size(model, pixel_values)).logits
+                for chunk in pixel_values.split(batch_size)
+            ]
+        )
+        return logits.argmax(-1)
+    targets = torch.as_tensor([target] * n if isinstance(target, int) else list(target), dtype=torch.long)
+    if targets.shape != (n,) or targets.min() < 0 or targets.max() >= model.config.num_labels:
+        raise ValueError(f"target must be a class in 0..{model.config.num_labels - 1}, one or one per volume; got {target}")
+    return targets.to(pixel_values.device)
+
+
+@contextmanager
+def _attention_maps(model):
+    """Run with an attention implementation that returns its weights: SDPA computes none, so switch to eager."""
+    current = model.config._attn_implementation
+    if current not in ("eager", CPU_ATTENTION):
+        logger.info(f"attention rollout needs attention maps, which {current!r} attention does not return: eager for now")
+        model.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            model.set_attn_implementation(current)
+    else:
+        yield
+
+
+def _roll(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Abnar & Zuidema's rollout of per-block (B, heads, T, T) attention: prod_l 0.5 (A_l + I), rows normalised."""
+    rollout = None
+    for attention in attentions:
+        mixed = attention.float().mean(1)
+        mixed = 0.5 * mixed + 0.5 * torch.eye(mixed.shape[-1], device=mixed.device)
+        mixed = mixed / mixed.sum(-1, keepdim=True)
+        rollout = mixed if rollout is None else mixed @ rollout
+    return rollout
+
+
+@torch.no_grad()
+def _rollout(model, pixel_values) -> np.ndarray:
+    config = model.config
+    size = _volume_size(pixel_values)
+    grid = config.grid_size_for(size)
+    with _attention_maps(model):
+        attentions = model(
+            pixel_values=pixel_values, output_attentions=True, interpolate_pos_encoding=_any_size(model, pixel_values)
+        ).attentions
+    n = pixel_values.shape[0]
+    if config.encoder_type == "factorised_encoder":
+        spatial = _roll(attentions[: config.num_hidden_layers])  # (N * frames, S, S)
+        temporal = _roll(attentions[config.num_hidden_layers :])  # (N, frames, frames)
+        per_slab = spatial.mean(1).view(n, grid[0], -1)  # each slab's mean token reads its tokens so
+        relevance = temporal.mean(1)[:, :, None] * per_slab  # the pooled output reads the slabs by their mean
+    else:
+        rolled = _roll(attentions)  # (N, T, T)
+        relevance = rolled[:, 0, 1:] if config.pooling == "cls" else rolled.mean(1)
+    relevance = relevance.reshape(n, *grid)
+    return tokens_to_voxels(relevance, config, size).cpu().numpy()
+
+
+def _captum():
+    try:
+        import captum.attr
+    except ImportError:
+        raise ImportError(
+            "this explanation method uses captum: pip install 'vivit-medmnist[explain]' (or captum)"
+        ) from None
+    return captum.attr
+
+
+class _Logits(nn.Module):
+    """The model as a function of pixel_values alone, returning logits (or probabilities) for captum."""
+
+    def __init__(self, model, probabilities: bool):
+        super().__init__()
+        self.model, self.probabilities = model, probabilities
+
+    def forward(self, pixel_values):
+        logits = self.model(
+            pixel_values=pixel_values, interpolate_pos_encoding=_any_size(self.model, pixel_values)
+        ).logits.float()
+        return logits.softmax(-1) if self.probabilities else logits
+
+
+def _integrated_gradients(model, pixel_values, targets, steps: int, batch_size: int) -> np.ndarray:
+    method = _captum().IntegratedGradients(_Logits(model, probabilities=False))
+    maps = []
+    for volume, target in zip(pixel_values, targets):
+        attribution = method.attribute(
+            volume[None], baselines=torch.zeros_like(volume[None]), target=int(target), n_steps=steps,
+            internal_batch_size=batch_size,
+        )  # fmt: skip
+        maps.append(attribution[0, :, 0].detach().float().cpu().numpy())
+    return np.stack(maps)
+
+
+@torch.no_grad()
+def _occlusion(model, pixel_values, targets, window: int | None, batch_size: int) -> np.ndarray:
+    size = _volume_size(pixel_values)
+    edge = window or max(3, round(min(size) / 7))
+    stride = max(1, round(0.75 * edge))  # cubes overlap by a quarter: 9^3 positions at 28^3 and at 64^3
+    method = _captum().Occlusion(_Logits(model, probabilities=True))
+    maps = []
+    for volume, target in zip(pixel_values, targets):
+        attribution = method.attribute(
+            volume[None], sliding_window_shapes=(edge, 1, edge, edge), strides=(stride, 1, stride, stride),
+            baselines=0.0, target=int(target), perturbations_per_eval=batch_size,
+        )  # fmt: skip
+        maps.append(attribution[0, :, 0].float().cpu().numpy())
+    return np.stack(maps)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model card's gallery
+# --------------------------------------------------------------------------------------------------------------
+
+
+def evidence_gallery(
+    model, image_processor, volumes: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, method: str = DEFAULT_METHOD
+) -> list[tuple[str, tuple | None, tuple | None]]:
+    """Per class, the first test volume classified correctly and the first classified wrongly, each as (volume in
+    [0, 1], evidence for the predicted class, caption), None where there is none: the rows of
+    `plots.plot_evidence_gallery`. `probabilities`: (N, classes), the ones the card reports."""
+    from .cpu_speed import autocast_for, use_bf16
+
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    predictions = probabilities.argmax(-1)
+    device = next(model.parameters()).device
+    rows = []
+    for label, name in enumerate(names):
+        row = [name]
+        for correct in (True, False):
+            hits = np.flatnonzero((labels == label) & ((predictions == label) == correct))
+            if not len(hits):
+                row.append(None)
+                continue
+            i = int(hits[0])
+            pixel_values = image_processor(volumes[i], return_tensors="pt")["pixel_values"]
+            with autocast_for(device, use_bf16("auto", device)):
+                heatmap = explain(model, pixel_values, method, target=int(predictions[i]))[0]
+            caption = (
+                f"test #{i}: {name}\npredicted {names[predictions[i]]} ({probabilities[i, predictions[i]]:.2f})"
+            )
+            row.append((pixel_values[0, :, 0].float().numpy(), heatmap, caption))
+        rows.append(tuple(row))
+    return rows
