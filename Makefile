@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	$(BIN)/python -m pip install --quiet -e '.[dev]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	# every import the suite needs, the extras included: a missing one fails here, not as a skipped test
-	$(BIN)/python -c "import vivit_medmnist, transformers, datasets, medmnist, accelerate, nibabel, xdist"
+	$(BIN)/python -c "import vivit_medmnist, transformers, datasets, medmnist, accelerate, nibabel, xdist, captum, gradio, playwright"
 	touch $@
 
 venv: $(STAMP)

@@ -7,6 +7,7 @@
     python benchmarks/speed.py --eager              # adds ours with eager attention (what train.py uses on CPU)
     python benchmarks/speed.py --device cuda --batch_size 1024 --bf16   # on a GPU, under bf16 autocast
     python benchmarks/speed.py --volume_size 64     # 64^3 volumes (8^3 tubelets: 512 tokens)
+    python benchmarks/speed.py --models model3 model4  # adds ViViT Models 3 and 4 (and model2)
 
 What is measured, in ONE process, on the same random input (batch, 28, 1, 28, 28) float32 and labels:
 
@@ -85,14 +86,23 @@ def native_config_kwargs(defaults: bool = False, volume: int = VOLUME) -> dict:
     return kwargs
 
 
+# --models: ours with another ViViT model of the paper (same size, tubelets and settings), eager attention as train.py
+MODELS = {
+    "model2": "factorised_encoder",
+    "model3": "factorised_self_attention",
+    "model4": "factorised_dot_product",
+}
+
+
 def build_model(variant: str, volume: int = VOLUME) -> torch.nn.Module:
     torch.manual_seed(0)
     if variant.startswith("ours"):
         from vivit_medmnist import VivitMedmnistConfig, VivitMedmnistForVideoClassification
 
-        config = VivitMedmnistConfig(num_labels=NUM_LABELS, volume_size=volume)
+        encoder_type = MODELS.get(variant.removeprefix("ours_"), "joint")
+        config = VivitMedmnistConfig(num_labels=NUM_LABELS, volume_size=volume, encoder_type=encoder_type)
         model = VivitMedmnistForVideoClassification(config)
-        if variant == "ours_eager":
+        if variant == "ours_eager" or encoder_type != "joint":
             model.set_attn_implementation("eager")
         if variant == "ours_compiled":
             model = torch.compile(model)
@@ -358,6 +368,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="add ours_compiled (torch.compile of ours)")
     parser.add_argument("--eager", action="store_true", help="add ours_eager (ours with eager attention)")
     parser.add_argument(
+        "--models",
+        nargs="*",
+        choices=list(MODELS),
+        default=[],
+        help="add ours as ViViT Model 2, 3 or 4 (eager attention), e.g. --models model3 model4",
+    )
+    parser.add_argument(
         "--native_defaults",
         action="store_true",
         help="add native with VivitConfig's gelu_fast, no attn dropout",
@@ -397,6 +414,7 @@ def main(argv=None) -> dict | None:
         variants.append("ours_compiled")
     if args.eager:
         variants.append("ours_eager")
+    variants += [f"ours_{name}" for name in args.models]
 
     results = measure_speed(variants, args)
     ratios = {"ours/native": {mode: ratio(results, "ours", "native", mode) for mode in MODES}}
@@ -407,6 +425,8 @@ def main(argv=None) -> dict | None:
     if args.eager:
         ratios["ours_eager/native"] = {mode: ratio(results, "ours_eager", "native", mode) for mode in MODES}
         ratios["ours_eager/ours"] = {mode: ratio(results, "ours_eager", "ours", mode) for mode in MODES}
+    for name in args.models:
+        ratios[f"ours_{name}/native"] = {mode: ratio(results, f"ours_{name}", "native", mode) for mode in MODES}
     if args.compile:
         ratios["ours_compiled/ours"] = {mode: ratio(results, "ours_compiled", "ours", mode) for mode in MODES}
         ratios["ours_compiled/native"] = {

@@ -29,6 +29,8 @@ TOKENISATIONS = {
     "conv_stem": {"conv_stem_channels": [8, 8, 8], "tubelet_size": 1},
     "factorised": {"encoder_type": "factorised_encoder", "num_temporal_layers": 1},
     "cls": {"pooling": "cls"},
+    "model3": {"encoder_type": "factorised_self_attention"},
+    "model4": {"encoder_type": "factorised_dot_product"},
 }
 
 

@@ -24,6 +24,7 @@ from vivit_medmnist import (
     VivitMedmnistImageProcessor,
 )
 from vivit_medmnist.arguments import parse_args
+from vivit_medmnist.configuration_vivit_medmnist import ENCODER_TYPES
 from vivit_medmnist.model_card import applied_overrides
 from vivit_medmnist.trainer_setup import build_model
 
@@ -54,7 +55,7 @@ def saved_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("saved")
     return {
         encoder: save_model(root / encoder, encoder, ORGAN_LABELS)
-        for encoder in ("joint", "factorised_encoder")
+        for encoder in ENCODER_TYPES
     }
 
 
@@ -90,7 +91,7 @@ def test_command_line_overrides_merge_with_the_recipes_key_by_key(tmp_path):
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
-@pytest.mark.parametrize("encoder_type", ["joint", "factorised_encoder"])
+@pytest.mark.parametrize("encoder_type", ENCODER_TYPES)
 def test_fine_tuning_with_a_shipped_recipe_starts_from_the_saved_weights(
     saved_models, recipe, encoder_type, caplog
 ):

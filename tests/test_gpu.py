@@ -14,7 +14,12 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-ENCODERS = {"joint": {}, "factorised": {"encoder_type": "factorised_encoder"}}
+ENCODERS = {
+    "joint": {},
+    "factorised": {"encoder_type": "factorised_encoder"},
+    "model3": {"encoder_type": "factorised_self_attention"},
+    "model4": {"encoder_type": "factorised_dot_product"},
+}
 
 
 def model_and_batch(overrides: dict, batch_size: int = 32, seed: int = 0):

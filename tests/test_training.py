@@ -589,3 +589,35 @@ def test_speed_choices_are_made_once_where_the_model_is_built_and_never_saved(tm
     model.save_pretrained(tmp_path)  # the run's choice is not the saved model's: it loads with the default
     assert "vivit_cpu" not in (tmp_path / "config.json").read_text()
     assert AutoModelForVideoClassification.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
+
+
+def test_the_weight_average_is_the_saved_model_and_resumes_from_its_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    from vivit_medmnist.weight_average import AVERAGE_FILE, WeightAverage
+
+    model = build_model(ModelArguments(config_overrides=TINY_MODEL), ["a", "b"], 28)
+    start = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    average = WeightAverage(decay=0.5)
+    args, control = SimpleNamespace(output_dir=str(tmp_path)), None
+    average.on_train_begin(args, None, control, model=model)
+    expected = {k: v.clone() for k, v in start.items()}
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * step)
+        state = SimpleNamespace(global_step=step, is_world_process_zero=True)
+        average.on_step_end(args, state, control, model=model)
+        decay = min(0.5, (1 + step) / (10 + step))
+        current = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+        expected = {k: decay * expected[k] + (1 - decay) * current[k] for k in expected}
+    (tmp_path / "checkpoint-3").mkdir()
+    average.on_save(args, state, control)
+    assert (tmp_path / "checkpoint-3" / AVERAGE_FILE).is_file()
+    resumed = WeightAverage(decay=0.5, checkpoint=str(tmp_path / "checkpoint-3"))
+    resumed.on_train_begin(args, state, control, model=model)
+    average.on_train_end(args, state, control, model=model)
+    for name, value in model.state_dict().items():
+        if name in expected:
+            torch.testing.assert_close(value, expected[name])  # the model is the average now
+            torch.testing.assert_close(resumed.average[name], expected[name])  # and resumes from it

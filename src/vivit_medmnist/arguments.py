@@ -65,6 +65,13 @@ class RunOptions:
             "--output_dir; without it such a folder is refused."
         },
     )
+    weight_average_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "Keep an exponential moving average of the weights with this decay (e.g. 0.999) and save it "
+            "as the model (vivit_medmnist.weight_average); default: the last weights."
+        },
+    )
 
 
 @dataclass
@@ -93,9 +100,65 @@ class DataArguments:
     """Which data and how it is augmented (all augmentation is off by default)."""
 
     dataset_name: str = field(
-        default="organmnist3d", metadata={"help": "A MedMNIST 3D set, e.g. organmnist3d."}
+        default="organmnist3d",
+        metadata={
+            "help": "A MedMNIST 3D set (e.g. organmnist3d), or any datasets dataset: a Hub id or a folder saved "
+            "with save_to_disk (with --volume_column_name and --label_column_name)."
+        },
     )
-    size: int = field(default=28, metadata={"help": "Volume edge length: 28 or 64."})
+    size: int = field(
+        default=28,
+        metadata={"help": "Volume edge length of the model: 28 or 64 for MedMNIST; any for your own volumes."},
+    )
+    data_folder: str | None = field(
+        default=None,
+        metadata={
+            "help": "Your own volumes: DIR/<class>/* or DIR/{train,validation,test}/<class>/* (.nii, .nii.gz, "
+            ".npy, .npz). Missing splits are cut from the training files, stratified, with --seed."
+        },
+    )
+    train_dir: str | None = field(
+        default=None, metadata={"help": "A folder of training volumes, one subfolder per class (as transformers' examples)."}
+    )
+    validation_dir: str | None = field(default=None, metadata={"help": "The same for validation."})
+    test_dir: str | None = field(default=None, metadata={"help": "The same for test."})
+    volume_column_name: str = field(
+        default="volume", metadata={"help": "The volume column of a datasets dataset (--dataset_name)."}
+    )
+    label_column_name: str = field(
+        default="label", metadata={"help": "Its label column: a ClassLabel."}
+    )
+    class_names: list[str] | None = field(
+        default=None,
+        metadata={"help": "The order of the classes of a folder (default: the folder names, sorted)."},
+    )
+    intensity_window: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Your own volumes: clip raw intensities to LOW HIGH and map to [0, 1] (CT: e.g. -160 240 "
+            "Hounsfield units). Saved with the model's image processor."
+        },
+    )
+    percentile_window: list[float] | None = field(
+        default=None,
+        metadata={"help": "Your own volumes: per-volume percentiles LOW HIGH mapped to [0, 1] (MRI: e.g. 0.5 99.5)."},
+    )
+    keep_aspect_ratio: bool = field(
+        default=False,
+        metadata={
+            "help": "Your own volumes: pad to a cube (in physical units, with NIfTI voxel spacing) before "
+            "resizing to --size, instead of stretching."
+        },
+    )
+    validation_fraction: float = field(
+        default=0.1, metadata={"help": "The share of the training volumes cut out for a missing validation split."}
+    )
+    test_fraction: float = field(
+        default=0.1, metadata={"help": "The share cut out for a missing test split."}
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes that preprocess your own volumes (once; then cached)."}
+    )
     data_dir: str | None = field(
         default=None,
         metadata={"help": "Folder holding <dataset_name>[_64].npz (downloaded there if missing and online)."},
@@ -139,6 +202,22 @@ class DataArguments:
         default=0.0, metadata={"help": "Add an offset drawn from [-o, o] times 255 to the intensities."}
     )
 
+    def own_volumes(self) -> bool:
+        """Whether the data are the user's (a folder or a datasets dataset), not a MedMNIST file."""
+        from .data import dataset_names
+
+        return bool(self.data_folder or self.train_dir) or self.dataset_name.lower() not in dataset_names()
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The image processor's options for the user's volumes: resized to the model's size."""
+        return {
+            "do_resize": True,
+            "size": self.size,
+            "intensity_window": self.intensity_window,
+            "percentile_window": self.percentile_window,
+            "keep_aspect_ratio": self.keep_aspect_ratio,
+        }
+
     def augmentation(self) -> dict[str, Any]:
         """The keyword arguments of `augment_volume`."""
         return {
@@ -159,6 +238,7 @@ class RunArguments(NamedTuple):
     recipe: str | None  # the --recipe file, if any
     overwrite_output_dir: bool = False  # the user allows replacing a finished model in output_dir
     recipe_override_keys: frozenset[str] = frozenset()  # config_overrides keys set by the recipe alone
+    weight_average_decay: float | None = None  # an exponential moving average of the weights is the model
 
 
 def build_parser() -> HfArgumentParser:
@@ -215,6 +295,11 @@ def parse_args(argv: Sequence[str] | None = None) -> RunArguments:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if problem := _invalid_option(data_args, training_args):
         parser.error(problem)
+    if options.weight_average_decay is not None:
+        if not 0 < options.weight_average_decay < 1:
+            parser.error(f"--weight_average_decay must be in (0, 1), got {options.weight_average_decay}")
+        if training_args.load_best_model_at_end:
+            parser.error("--weight_average_decay keeps the averaged weights: it cannot go with --load_best_model_at_end")
     if missing := _missing_integrations(training_args.report_to):
         parser.error(
             f"--report_to {' '.join(missing)}: not installed; pip install 'vivit-medmnist[{missing[0]}]' "
@@ -233,7 +318,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RunArguments:
         parse_config_overrides(model_args.config_overrides)  # a malformed one is a usage error, found now
     except OptionError as err:
         parser.error(str(err))
-    output_dir = Path(training_args.output_dir or Path("outputs") / data_args.dataset_name)
+    default_name = Path(data_args.data_folder or data_args.train_dir or data_args.dataset_name).name
+    output_dir = Path(training_args.output_dir or Path("outputs") / default_name)
     training_args.output_dir = str(output_dir / CHECKPOINTS)
     return RunArguments(
         model_args,
@@ -243,6 +329,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunArguments:
         recipe,
         options.overwrite_output_dir,
         frozenset(from_recipe.keys() - from_command_line.keys()),
+        options.weight_average_decay,
     )
 
 
@@ -252,6 +339,23 @@ def _invalid_option(data: DataArguments, training: TrainingArguments) -> str | N
     for name in ("max_train_samples", "max_eval_samples", "max_test_samples"):
         if (value := getattr(data, name)) is not None and value < 1:
             return f"--{name} must be a positive number of volumes, got {value}"
+    if data.data_folder and (data.train_dir or data.validation_dir or data.test_dir):
+        return "give --data_folder (one folder with split folders or class folders) or --train_dir and friends, not both"
+    if (data.validation_dir or data.test_dir) and not data.train_dir:
+        return "--validation_dir and --test_dir need --train_dir"
+    for name in ("intensity_window", "percentile_window"):
+        value = getattr(data, name)
+        if value is not None and (len(value) != 2 or not value[0] < value[1]):
+            return f"--{name} takes two numbers LOW HIGH with LOW < HIGH, got {value}"
+    if data.intensity_window and data.percentile_window:
+        return "give --intensity_window (CT) or --percentile_window (MRI), not both"
+    if data.percentile_window and not (0 <= data.percentile_window[0] and data.percentile_window[1] <= 100):
+        return f"--percentile_window takes percentiles in [0, 100], got {data.percentile_window}"
+    for name in ("validation_fraction", "test_fraction"):
+        if not 0 < getattr(data, name) < 0.5:
+            return f"--{name} must be in (0, 0.5), got {getattr(data, name)}"
+    if data.size < 4:
+        return f"--size must be at least 4 voxels, got {data.size}"
     if bad := [axis for axis in data.flip_axes if axis not in (0, 1, 2)]:
         return f"--flip_axes takes volume axes 0 (D), 1 (H) and 2 (W), got {bad}"
     ranges = {  # option: (lowest, highest, whether highest is allowed)

@@ -36,13 +36,14 @@ REQUIRED = ("trainer_state.json", "model.safetensors", "optimizer.pt", "schedule
 _STEP = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
-def checkpoint_problem(folder: str | Path) -> str | None:
+def checkpoint_problem(folder: str | Path, required: tuple[str, ...] = ()) -> str | None:
     """What is wrong with the checkpoint `folder` (a missing, empty, truncated or unreadable file), or None when
-    every file verifies. Reads the files through; unpickles nothing."""
+    every file verifies; `required` names files a run adds to its checkpoints (the weight average). Reads the
+    files through; unpickles nothing."""
     folder = Path(folder)
     if not folder.is_dir():
         return "not a folder"
-    missing = [name for name in REQUIRED if not (folder / name).is_file()]
+    missing = [name for name in (*REQUIRED, *required) if not (folder / name).is_file()]
     if missing:
         return f"missing {', '.join(missing)} (a save that did not finish)"
     for path in sorted(folder.iterdir()):
@@ -91,7 +92,9 @@ def complete_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
     return [path for _, path in _checkpoints(Path(checkpoint_dir)) if checkpoint_problem(path) is None]
 
 
-def resolve_checkpoint(checkpoint_dir: str | Path, requested: str | None, last: str) -> tuple[str | None, list]:
+def resolve_checkpoint(
+    checkpoint_dir: str | Path, requested: str | None, last: str, required: tuple[str, ...] = ()
+) -> tuple[str | None, list]:
     """The checkpoint to resume from (None: the run starts from the beginning) for `--resume_from_checkpoint
     requested` (`last`: the bare flag), and the damaged checkpoints newer than it as (folder, problem) pairs, for
     `set_aside` once the run holds its folder. Writes nothing. Raises ValueError for a requested path that is not
@@ -100,7 +103,7 @@ def resolve_checkpoint(checkpoint_dir: str | Path, requested: str | None, last: 
     if requested is None:
         return None, []
     if requested != last:
-        problem = checkpoint_problem(requested)
+        problem = checkpoint_problem(requested, required)
         if problem == "not a folder":
             raise ValueError(f"--resume_from_checkpoint: {requested} is not a checkpoint folder")
         if problem is not None:
@@ -111,7 +114,7 @@ def resolve_checkpoint(checkpoint_dir: str | Path, requested: str | None, last: 
         return str(requested), []
     damaged = []
     for _, path in _checkpoints(checkpoint_dir):
-        problem = checkpoint_problem(path)
+        problem = checkpoint_problem(path, required)
         if problem is None:
             return str(path), damaged
         damaged.append((path, problem))

@@ -14,7 +14,7 @@ from transformers.configuration_utils import PreTrainedConfig
 POOLING_TYPES = ("mean", "cls")
 PADDING_TYPES = ("valid", "same")
 INITIALIZATIONS = ("keras", "normal")
-ENCODER_TYPES = ("joint", "factorised_encoder")
+ENCODER_TYPES = ("joint", "factorised_encoder", "factorised_self_attention", "factorised_dot_product")
 
 
 @strict
@@ -68,12 +68,21 @@ class VivitMedmnistConfig(PreTrainedConfig):
         num_hidden_layers (`int`, *optional*, defaults to 8):
             The number of Transformer blocks (with `encoder_type="factorised_encoder"`: of spatial blocks).
         encoder_type (`str`, *optional*, defaults to `"joint"`):
-            The ViViT variant. `"joint"` is the paper's Model 1 ("spatio-temporal attention", the reference): every
-            block attends over all tubelet tokens. `"factorised_encoder"` is Model 2: `num_hidden_layers` spatial
-            blocks attend within each temporal index (the `grid_size[1] * grid_size[2]` tubelets of one slab of
-            frames, all slabs in parallel), each slab's tokens are layer-normed and averaged into one token,
-            learned temporal position embeddings are added, and `num_temporal_layers` temporal blocks attend over
-            those `grid_size[0]` tokens. It needs `pooling="mean"`.
+            The ViViT variant (Arnab et al. 2021, §3.3). On a volume the "temporal" axis is the first one, depth
+            (D): a temporal index is one slab of the token grid along D, a spatial position one (h, w) column.
+            - `"joint"`, Model 1 ("spatio-temporal attention", the reference): every block attends over all
+              tubelet tokens.
+            - `"factorised_encoder"`, Model 2: `num_hidden_layers` spatial blocks attend within each temporal
+              index (the `grid_size[1] * grid_size[2]` tokens of one slab, all slabs in parallel), each slab's
+              tokens are layer-normed and averaged into one token, learned temporal position embeddings are added,
+              and `num_temporal_layers` temporal blocks attend over those `grid_size[0]` tokens.
+            - `"factorised_self_attention"`, Model 3: each block attends spatially (each token to the tokens of
+              its temporal index), then temporally (each token to the tokens of its spatial position, across
+              the slabs), then applies its MLP: one more attention layer (and LayerNorm) per block than Model 1.
+            - `"factorised_dot_product"`, Model 4: Model 1's blocks and parameters, but in each block the first
+              half of the attention heads attend spatially and the other half temporally; the heads' outputs are
+              concatenated as usual. Needs at least 2 heads.
+            Models 2 to 4 need `pooling="mean"` (a CLS token has no place in the token grid).
         num_temporal_layers (`int`, *optional*, defaults to 4):
             The number of temporal blocks of `encoder_type="factorised_encoder"` (unused by `"joint"`).
         num_attention_heads (`int`, *optional*, defaults to 8):
@@ -225,10 +234,15 @@ class VivitMedmnistConfig(PreTrainedConfig):
             raise ValueError(f"pooling must be one of {POOLING_TYPES}, got {self.pooling!r}")
         if self.encoder_type not in ENCODER_TYPES:
             raise ValueError(f"encoder_type must be one of {ENCODER_TYPES}, got {self.encoder_type!r}")
-        if self.encoder_type == "factorised_encoder" and self.pooling != "mean":
+        if self.encoder_type != "joint" and self.pooling != "mean":
             raise ValueError(
-                f'encoder_type="factorised_encoder" pools each temporal index by its mean and needs pooling="mean", '
-                f"got pooling={self.pooling!r}"
+                f"encoder_type={self.encoder_type!r} factorises the token grid, where a CLS token has no place: it "
+                f'needs pooling="mean", got pooling={self.pooling!r}'
+            )
+        if self.encoder_type == "factorised_dot_product" and self.num_attention_heads < 2:
+            raise ValueError(
+                'encoder_type="factorised_dot_product" splits the heads into spatial and temporal ones: it needs '
+                f"num_attention_heads >= 2, got {self.num_attention_heads}"
             )
         if self.initialization not in INITIALIZATIONS:
             raise ValueError(f"initialization must be one of {INITIALIZATIONS}, got {self.initialization!r}")

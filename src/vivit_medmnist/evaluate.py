@@ -21,6 +21,7 @@ import logging
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -35,7 +36,13 @@ from transformers import (
 import vivit_medmnist  # noqa: F401 -- registers the model with the Auto classes
 from vivit_medmnist.calibration import calibrated_metrics
 from vivit_medmnist.cpu_speed import prepare_for_inference
-from vivit_medmnist.data import MedMNIST3DCollator, load_medmnist3d, resolve_data_dir, resolve_dataset
+from vivit_medmnist.data import (
+    MedMNIST3DCollator,
+    dataset_names,
+    load_medmnist3d,
+    resolve_data_dir,
+    resolve_dataset,
+)
 from vivit_medmnist.metrics import compute_metrics
 from vivit_medmnist.publishing import check_model_path
 from vivit_medmnist.safe_io import check_new_output, write_text_atomic
@@ -51,7 +58,12 @@ class EvaluateArguments:
     model_name_or_path: str = field(
         metadata={"help": "A folder written by vivit-medmnist-train, or a Hub model id."}
     )
-    dataset_name: str = field(metadata={"help": "The MedMNIST 3D set, e.g. organmnist3d or adrenalmnist3d."})
+    dataset_name: str = field(
+        default=None,
+        metadata={
+            "help": "The MedMNIST 3D set (e.g. organmnist3d), or a datasets dataset (Hub id or save_to_disk folder)."
+        },
+    )
     size: int = field(default=28, metadata={"help": "The volume size of the MedMNIST file: 28 or 64."})
     data_dir: str | None = field(
         default=None,
@@ -75,6 +87,19 @@ class EvaluateArguments:
     revision: str = field(
         default="main", metadata={"help": "The Hub revision (branch, tag or commit) of the model."}
     )
+    data_folder: str | None = field(
+        default=None,
+        metadata={"help": "Your own volumes, as train.py's --data_folder (split folders or class folders)."},
+    )
+    test_dir: str | None = field(default=None, metadata={"help": "A folder of class folders to evaluate."})
+    volume_column_name: str = field(default="volume", metadata={"help": "The volume column of --dataset_name."})
+    label_column_name: str = field(default="label", metadata={"help": "Its label column (a ClassLabel)."})
+    class_names: list[str] | None = field(default=None, metadata={"help": "The class order, as in training."})
+    seed: int = field(
+        default=42, metadata={"help": "As train.py's --seed: a split cut from the training files is cut again alike."}
+    )
+    validation_fraction: float = field(default=0.1, metadata={"help": "As train.py's."})
+    test_fraction: float = field(default=0.1, metadata={"help": "As train.py's."})
     precision: Literal["auto", "fp32", "bf16"] = field(
         default="auto",
         metadata={
@@ -115,16 +140,43 @@ def check_labels(model, label_names: list[str], args: EvaluateArguments) -> None
     elif model_names != label_names:
         fail(f"the model's labels {model_names} are not {args.dataset_name}'s labels {label_names}")
     volume = [args.size] * 3
-    if list(config.volume_size) != volume:
+    if not own_volumes(args) and list(config.volume_size) != volume:
         fail(f"the model takes volumes of size {config.volume_size}, but --size {args.size} gives {volume}")
+
+
+def own_volumes(args: EvaluateArguments) -> bool:
+    return bool(args.data_folder or args.test_dir) or args.dataset_name.lower() not in dataset_names()
+
+
+def load_split(args: EvaluateArguments, processor):
+    """The split to evaluate: from the MedMNIST file, or the user's volumes prepared by the model's own
+    processor (as train.py prepared them; a split cut from the training files is cut again with --seed)."""
+    from vivit_medmnist.volume_files import InputError
+    from vivit_medmnist.volume_folder import load_volume_dataset, load_volume_folder
+
+    cut = {"seed": args.seed, "validation_fraction": args.validation_fraction, "test_fraction": args.test_fraction}
+    try:
+        if args.test_dir:  # one folder of class folders, evaluated whole
+            return load_volume_folder(
+                {"test": args.test_dir}, processor, class_names=args.class_names, make_missing_splits=False
+            )["test"]
+        if args.data_folder:
+            return load_volume_folder(args.data_folder, processor, class_names=args.class_names, **cut)[args.split]
+        if own_volumes(args):
+            return load_volume_dataset(
+                args.dataset_name, processor, volume_column=args.volume_column_name,
+                label_column=args.label_column_name, **cut,
+            )[args.split]  # fmt: skip
+        return load_medmnist3d(args.dataset_name, size=args.size, data_dir=args.data_dir)[args.split]
+    except (OSError, ValueError, InputError) as err:
+        fail(str(err))
 
 
 def evaluate(args: EvaluateArguments) -> dict[str, float]:
     model, processor = load_model(args)
-    try:
-        dataset = load_medmnist3d(args.dataset_name, size=args.size, data_dir=args.data_dir)[args.split]
-    except (OSError, ValueError) as err:
-        fail(str(err))
+    if own_volumes(args) and processor.size is None:  # a MedMNIST model: volumes at its size
+        processor.size, processor.do_resize = list(model.config.volume_size), True
+    dataset = load_split(args, processor)
     check_labels(model, dataset.features["label"].names, args)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -162,17 +214,23 @@ def parse_args(argv: list[str] | None = None) -> EvaluateArguments:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.per_device_eval_batch_size < 1:
         parser.error(f"--per_device_eval_batch_size must be >= 1, got {args.per_device_eval_batch_size}")
+    if sum(bool(x) for x in (args.dataset_name, args.data_folder, args.test_dir)) != 1:
+        parser.error("give one of --dataset_name (MedMNIST or a datasets dataset), --data_folder or --test_dir")
     return args
 
 
 def check_output_file(args: EvaluateArguments) -> None:
     """Before any work: --output_file is new (or --overwrite_output_file), and neither the model nor the data."""
+    inputs = [args.model_name_or_path, *(p for p in (args.data_folder, args.test_dir) if p)]
+    if not own_volumes(args):
+        try:
+            inputs.append(resolve_data_dir(args.data_dir) / resolve_dataset(args.dataset_name, args.size).filename)
+        except ValueError as err:
+            fail(str(err))
+    elif args.dataset_name and Path(args.dataset_name).exists():
+        inputs.append(args.dataset_name)
     try:
-        data_file = resolve_data_dir(args.data_dir) / resolve_dataset(args.dataset_name, args.size).filename
-    except ValueError as err:
-        fail(str(err))
-    try:
-        check_new_output(args.output_file, args.overwrite_output_file, [args.model_name_or_path, data_file])
+        check_new_output(args.output_file, args.overwrite_output_file, inputs)
     except FileExistsError as err:
         fail(str(err))
 

@@ -60,6 +60,22 @@ class VivitMedmnistImageProcessor(BaseImageProcessor):
             64³ volume for a 28³ model).
         size (`int`, `list[int]` or `dict`, *optional*):
             The `(D, H, W)` to resize to (an int means a cube; `{"depth", "height", "width"}` is accepted too).
+        intensity_window (`list[float]`, *optional*):
+            `(low, high)`: a fixed window for raw intensities, e.g. `(-160, 240)` Hounsfield units for abdominal CT:
+            values are clipped to it and mapped linearly to [0, 1], whatever their dtype. Replaces the
+            uint8 / float checks and `do_rescale`.
+        percentile_window (`list[float]`, *optional*):
+            `(low, high)` percentiles, e.g. `(0.5, 99.5)` for MRI, whose intensities have no fixed scale: each
+            volume is clipped to its own percentiles and mapped linearly to [0, 1]. Not together with
+            `intensity_window`.
+        keep_aspect_ratio (`bool`, *optional*, defaults to `False`):
+            Resize (to `size`) without distorting: the volume is first padded with zeros to a cube, in physical
+            units when the call gives each volume's voxel `spacing` (e.g. from a NIfTI header), then resized.
+
+    With `intensity_window` or `percentile_window`, the result is rounded to the 256 levels of a uint8 volume
+    (`k / 255`): how `vivit_medmnist.volume_folder` stores the volumes a model trains on, so that a raw volume
+    given here is exactly what training saw. With none of the three options, nothing changes: a MedMNIST volume
+    is `uint8 / 255`.
 
     Example:
 
@@ -82,6 +98,9 @@ class VivitMedmnistImageProcessor(BaseImageProcessor):
     image_std = 1.0
     do_resize = False
     size = None
+    intensity_window = None
+    percentile_window = None
+    keep_aspect_ratio = False
 
     def __init__(
         self,
@@ -92,6 +111,9 @@ class VivitMedmnistImageProcessor(BaseImageProcessor):
         image_std: float = 1.0,
         do_resize: bool = False,
         size: int | list[int] | dict[str, int] | None = None,
+        intensity_window: list[float] | None = None,
+        percentile_window: list[float] | None = None,
+        keep_aspect_ratio: bool = False,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -108,6 +130,13 @@ class VivitMedmnistImageProcessor(BaseImageProcessor):
             raise ValueError(
                 "do_resize=True needs size, the (D, H, W) to resize volumes to (e.g. 28 or [28, 28, 28])"
             )
+        self.intensity_window = _window(intensity_window, "intensity_window")
+        self.percentile_window = _window(percentile_window, "percentile_window", (0.0, 100.0))
+        if self.intensity_window and self.percentile_window:
+            raise ValueError("give intensity_window (CT) or percentile_window (MRI), not both")
+        self.keep_aspect_ratio = bool(keep_aspect_ratio)
+        if self.keep_aspect_ratio and self.size is None:
+            raise ValueError("keep_aspect_ratio=True needs size, the (D, H, W) of the model's volumes")
 
     def preprocess(
         self,
@@ -122,6 +151,7 @@ class VivitMedmnistImageProcessor(BaseImageProcessor):
         size: int | list[int] | dict[str, int] | None = None,
         data_format: str | None = None,
         input_data_format: str | None = None,
+        spacing: Any = None,
         **kwargs: Any,
     ) -> BatchFeature:
         """Convert `images` (one volume, a batch, or a list of volumes, see the class docstring) to
@@ -130,8 +160,9 @@ class VivitMedmnistImageProcessor(BaseImageProcessor):
         `return_tensors`: `"pt"` gives one tensor `(N, D, 1, H, W)`, `"np"` one array, and `None` (the default, as
         for transformers' image processors) a list of one `(D, 1, H, W)` tensor per volume. `data_format` and
         `input_data_format` are accepted as in other image processors: the output is channels-first per frame
-        (`"channels_first"`), and a volume's layout is read from its shape. The other arguments override the
-        processor's attributes for this call.
+        (`"channels_first"`), and a volume's layout is read from its shape. `spacing`: the voxel size (D, H, W),
+        one for all volumes or one per volume, used by `keep_aspect_ratio` (default: isotropic). The other
+        arguments override the processor's attributes for this call.
         """
         if kwargs:
             raise TypeError(f"{type(self).__name__}.preprocess got unexpected arguments {sorted(kwargs)}")
@@ -155,18 +186,31 @@ class VivitMedmnistImageProcessor(BaseImageProcessor):
                 f"input_data_format must be channels_first or channels_last, got {input_data_format!r}"
             )
 
-        def convert(volumes: torch.Tensor) -> torch.Tensor:
+        windowed = bool(self.intensity_window or self.percentile_window)
+        if self.keep_aspect_ratio and size is None:
+            raise ValueError("keep_aspect_ratio=True needs size, the (D, H, W) of the model's volumes")
+
+        def convert(volumes: torch.Tensor, voxel_spacing=None) -> torch.Tensor:
             """(n, D, H, W) of any accepted dtype -> float32, scaled and resized."""
-            volumes = _to_float32(volumes, rescale_factor if do_rescale else None)
-            return _resize(volumes, size) if do_resize else volumes
+            if windowed:
+                volumes = _apply_window(volumes, self.intensity_window, self.percentile_window)
+            else:
+                volumes = _to_float32(volumes, rescale_factor if do_rescale else None)
+            if self.keep_aspect_ratio:
+                volumes = _pad_to_cube_and_resize(volumes, size, voxel_spacing)
+            elif do_resize:
+                volumes = _resize(volumes, size)
+            # the 256 levels the training volumes were stored in (volume_folder): exactly what training saw
+            return volumes.mul(255).round_().div_(255) if windowed else volumes
 
         if isinstance(images, (list, tuple)) and all(
             isinstance(i, (np.ndarray, torch.Tensor)) for i in images
         ):
             if len(images) == 0:
                 raise ValueError("expected at least one volume, got an empty list")
+            spacings = _spacings(spacing, len(images))
             # each on its own: dtypes (and, when resizing, sizes) may differ
-            parts = [convert(_as_batch(_as_tensor(image))) for image in images]
+            parts = [convert(_as_batch(_as_tensor(image)), sp) for image, sp in zip(images, spacings)]
             shapes = {tuple(part.shape[1:]) for part in parts}
             if len(shapes) != 1:
                 raise ValueError(
@@ -175,7 +219,12 @@ class VivitMedmnistImageProcessor(BaseImageProcessor):
                 )
             volumes = torch.cat(parts)
         else:
-            volumes = convert(_as_batch(_as_tensor(images)))
+            volumes = _as_batch(_as_tensor(images))
+            spacings = _spacings(spacing, len(volumes))
+            if self.keep_aspect_ratio and len(set(map(tuple, spacings))) > 1:
+                volumes = torch.cat([convert(v[None], sp) for v, sp in zip(volumes, spacings)])
+            else:
+                volumes = convert(volumes, spacings[0])
         pixel_values = volumes[:, :, None]  # (N, D, 1, H, W): a view
         if do_normalize:
             # a new tensor: a float32 input comes through `convert` as the caller's own memory
@@ -214,6 +263,67 @@ def _resize(volumes: torch.Tensor, size: list[int]) -> torch.Tensor:
         volumes[:, None], size=size, mode="trilinear", align_corners=False
     )
     return resized[:, 0]
+
+
+def _window(value: Any, name: str, bounds: tuple[float, float] | None = None) -> list[float] | None:
+    """None, or a (low, high) pair of finite floats with low < high (within `bounds`)."""
+    if value is None:
+        return None
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be two numbers (low, high), got {value!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"{name} must be (low, high) with low < high, got {value!r}")
+    if bounds and not (bounds[0] <= low and high <= bounds[1]):
+        raise ValueError(f"{name} must lie within {list(bounds)}, got {value!r}")
+    return [low, high]
+
+
+def _apply_window(volumes: torch.Tensor, window, percentiles) -> torch.Tensor:
+    """(n, D, H, W) raw intensities -> float32 in [0, 1]: clipped to the fixed `window`, or to each volume's own
+    `percentiles`, and mapped linearly."""
+    if volumes.dtype == torch.bool or volumes.is_complex():
+        raise ValueError(f"expected a volume of intensities, got dtype {volumes.dtype}")
+    volumes = volumes.to(torch.float32)
+    if volumes.numel() and not torch.isfinite(volumes).all():
+        raise ValueError("expected finite intensities, got NaN or inf")
+    if window is not None:
+        low = torch.full((len(volumes), 1, 1, 1), window[0])
+        high = torch.full_like(low, window[1])
+    else:
+        flat = volumes.reshape(len(volumes), -1)
+        q = torch.tensor([percentiles[0] / 100, percentiles[1] / 100])
+        bounds = torch.quantile(flat, q, dim=1)  # (2, n)
+        low, high = bounds[0].view(-1, 1, 1, 1), bounds[1].view(-1, 1, 1, 1)
+    span = (high - low).clamp(min=1e-12)  # a constant volume maps to 0
+    return ((volumes.clamp(min=low, max=high) - low) / span).clamp_(0, 1)
+
+
+def _spacings(spacing: Any, count: int) -> list[tuple[float, float, float]]:
+    """One (D, H, W) voxel spacing per volume: `None` (isotropic), one triple for all, or one per volume."""
+    if spacing is None:
+        return [(1.0, 1.0, 1.0)] * count
+    values = np.asarray(spacing, dtype=np.float64)
+    if values.shape == (3,):
+        values = np.tile(values, (count, 1))
+    if values.shape != (count, 3) or not np.all(values > 0):
+        raise ValueError(f"spacing must be 3 positive numbers (D, H, W), or one such triple per volume; got {spacing!r}")
+    return [tuple(row) for row in values.tolist()]
+
+
+def _pad_to_cube_and_resize(volumes: torch.Tensor, size: list[int], spacing) -> torch.Tensor:
+    """(n, D, H, W) -> (n, *size) without distortion: scaled so that its longest physical side (shape x spacing)
+    fills `size`, the other sides in proportion, then zero-padded around the centre."""
+    extent = [n * s for n, s in zip(volumes.shape[1:], spacing)]
+    longest = max(e / t for e, t in zip(extent, size))
+    inner = [max(1, min(t, round(e / longest))) for e, t in zip(extent, size)]
+    resized = _resize(volumes, inner)
+    before = [(t - n) // 2 for t, n in zip(size, inner)]
+    padding = []
+    for b, t, n in zip(reversed(before), reversed(size), reversed(inner)):
+        padding += [b, t - n - b]
+    return torch.nn.functional.pad(resized, padding)
 
 
 def _scalar(value: Any, name: str) -> float:

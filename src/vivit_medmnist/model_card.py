@@ -8,6 +8,7 @@ import enum
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -170,13 +171,28 @@ def describe_model(config) -> str:
         f'spatio-temporal tubelets{padding}, a {grid} grid, and embeds each as one token ("tubelet embedding", '
         "ViViT §3.2); learned position embeddings are added. "
     )
+    frames, per_slab = config.grid_size[0], config.num_tokens // config.grid_size[0]
     if config.encoder_type == "factorised_encoder":
-        frames, per_slab = config.grid_size[0], config.num_tokens // config.grid_size[0]
         text += (
             f"{config.num_hidden_layers} pre-norm *spatial* Transformer blocks attend within each of the {frames} "
             f"temporal slabs ({per_slab} tokens each); each slab's tokens are layer-normed and averaged into one "
             f"token, learned temporal position embeddings are added, and {config.num_temporal_layers} *temporal* "
             f'blocks attend over those {frames} tokens (ViViT\'s Model 2, "factorised encoder"). '
+        )
+    elif config.encoder_type == "factorised_self_attention":
+        text += (
+            f"Each of {config.num_hidden_layers} pre-norm Transformer blocks attends first *spatially*, each token to "
+            f"the {per_slab} tokens of its temporal slab (along depth), then *temporally*, each token to the "
+            f'{frames} tokens of its spatial position, then applies its MLP (ViViT\'s Model 3, "factorised '
+            'self-attention"). '
+        )
+    elif config.encoder_type == "factorised_dot_product":
+        spatial = config.num_attention_heads // 2
+        text += (
+            f"A stack of {config.num_hidden_layers} pre-norm Transformer blocks whose attention is split by heads: "
+            f"{spatial} heads attend within each token's temporal slab ({per_slab} tokens), "
+            f"{config.num_attention_heads - spatial} across the slabs at each spatial position ({frames} tokens), "
+            'and their outputs are concatenated (ViViT\'s Model 4, "factorised dot-product attention"). '
         )
     else:
         cls = " and a CLS token" if config.pooling == "cls" else ""
@@ -212,13 +228,24 @@ def _architecture(model) -> list[tuple[str, str]]:
         f"({mlp_out}), LayerNorm eps {config.layer_norm_eps:g}"
     )
     positions = f"learned, {config.sequence_length} positions{cls_note}"
+    frames = config.grid_size[0]
     if config.encoder_type == "factorised_encoder":
-        frames = config.grid_size[0]
         encoder = (
             f"factorised (ViViT Model 2): {config.num_hidden_layers} spatial blocks within each of {frames} "
             f"temporal slabs, slab LayerNorm + mean, then {config.num_temporal_layers} temporal blocks; each a {block}"
         )
         positions += f"; temporal: learned, {frames} positions"
+    elif config.encoder_type == "factorised_self_attention":
+        encoder = (
+            f"factorised self-attention (ViViT Model 3): {config.num_hidden_layers} {block}, each attending within "
+            f"the temporal slab, then across the {frames} slabs (a second attention layer and LayerNorm per block)"
+        )
+    elif config.encoder_type == "factorised_dot_product":
+        spatial = config.num_attention_heads // 2
+        encoder = (
+            f"factorised dot-product attention (ViViT Model 4): {config.num_hidden_layers} {block}; {spatial} heads "
+            f"attend within the temporal slab, {config.num_attention_heads - spatial} across the {frames} slabs"
+        )
     else:
         encoder = f"joint (ViViT Model 1): {config.num_hidden_layers} {block}"
     regularisation = (
@@ -251,6 +278,97 @@ def _architecture(model) -> list[tuple[str, str]]:
     ]
 
 
+@dataclass
+class DatasetCard:
+    """What the model card says about the data: a MedMNIST set (`medmnist_dataset_card`) or the user's own
+    (`own_dataset_card`)."""
+
+    name: str
+    pretty: str
+    size: int
+    task: str
+    description: str
+    splits: list[tuple[str, str]]
+    test_volumes: int
+    medmnist: bool
+    license: str | None = None
+    homepage: str | None = None
+    splits_made: str | None = None
+
+
+def medmnist_dataset_card(name: str, size: int, split_sizes: Mapping[str, int] | None = None) -> DatasetCard:
+    import medmnist
+
+    from .data import MEDMNIST_HOMEPAGE, resolve_dataset
+
+    source = resolve_dataset(name, size)
+    return DatasetCard(
+        name=source.name,
+        pretty=f"{medmnist.INFO[source.name]['python_class']} ({size}³)",  # e.g. "OrganMNIST3D (28³)"
+        size=size,
+        task=source.task,
+        description=source.description,
+        splits=[(split, _volumes(split_sizes, split, source.n_samples[key])) for split, key in _SPLIT_KEYS],
+        test_volumes=(split_sizes or {}).get("test", source.n_samples["test"]),
+        medmnist=True,
+        license=source.license,
+        homepage=MEDMNIST_HOMEPAGE,
+    )
+
+
+def own_dataset_card(source: str, size: int, data: datasets.DatasetDict, splits_made: Mapping | None = None) -> DatasetCard:
+    """The card's description of the user's volumes: a folder or a datasets dataset `source`."""
+    names = data["train"].features["label"].names
+    made = ""
+    if splits_made:
+        cut = ", ".join(k for k in ("validation", "test") if k in (splits_made.get("files") or splits_made.get("train_rows") or {}))
+        made = (
+            f"The {cut} split{'s were' if ',' in cut else ' was'} cut from the training volumes, stratified by class, "
+            f"with seed {splits_made['seed']}; the run's `splits.json` lists which volume went where (it stays with the run: "
+            "publishing leaves it out, as file names may identify patients)."
+        )
+    return DatasetCard(
+        name=Path(str(source)).name or str(source),
+        pretty=f"{Path(str(source)).name or source} ({size}³)",
+        size=size,
+        task=f"{'binary' if len(names) == 2 else 'multi-class'} classification ({len(names)} classes)",
+        description=f"the user's own volumes (`{Path(str(source)).name}`), {sum(len(d) for d in data.values())} in all.",
+        splits=[(split, str(len(data[split]))) for split in ("train", "validation", "test")],
+        test_volumes=len(data["test"]),
+        medmnist=False,
+        splits_made=made or None,
+    )
+
+
+def data_card(data_args, data: datasets.DatasetDict) -> DatasetCard | None:
+    """The card's description of a run's data: None for a MedMNIST set (the card reads medmnist.INFO)."""
+    if not data_args.own_volumes():
+        return None
+    source = data_args.data_folder or data_args.train_dir or data_args.dataset_name
+    return own_dataset_card(source, data_args.size, data, getattr(data, "splits_made", None))
+
+
+def describe_preprocessing(image_processor) -> str:
+    """The image processor's steps, in words, for the card."""
+    steps = []
+    if window := getattr(image_processor, "intensity_window", None):
+        steps.append(f"intensities clipped to [{window[0]:g}, {window[1]:g}] and mapped to [0, 1]")
+    elif window := getattr(image_processor, "percentile_window", None):
+        steps.append(f"each volume clipped to its {window[0]:g}th-{window[1]:g}th percentiles and mapped to [0, 1]")
+    else:
+        steps.append("`uint8 / 255`")
+    size = getattr(image_processor, "size", None)
+    if getattr(image_processor, "keep_aspect_ratio", False):
+        steps.append(f"padded to a cube in physical units (NIfTI voxel spacing) and resized to {size}")
+    elif getattr(image_processor, "do_resize", False):
+        steps.append(f"resized (trilinear) to {size}")
+    else:
+        steps.append("no resizing")
+    if getattr(image_processor, "intensity_window", None) or getattr(image_processor, "percentile_window", None):
+        steps.append("rounded to 256 grey levels, as the training volumes were stored")
+    return ", ".join(steps)
+
+
 def build_model_card(
     model,
     *,
@@ -263,14 +381,16 @@ def build_model_card(
     split_sizes: Mapping[str, int] | None = None,
     base_model: str | None = None,
     gallery_method: str | None = None,
+    dataset: DatasetCard | None = None,
+    preprocessing: str = "`uint8 / 255`, no resizing",
 ):
     """Render the model card (a `huggingface_hub.ModelCard`) from the jinja2 template; see
     `save_publishable_folder`. The `model-index` holds every test (and validation) metric of `results` among
-    accuracy, AUC and top-5 accuracy, with the values given."""
-    import medmnist
+    accuracy, AUC and top-5 accuracy, with the values given. `dataset` describes the data (default: the
+    MedMNIST set `dataset_name` at `size`)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    from .data import MEDMNIST_CITATION, MEDMNIST_HOMEPAGE, resolve_dataset
+    from .data import MEDMNIST_CITATION
 
     template_path = Path(template_path or MODEL_CARD_TEMPLATE)
     if not template_path.is_file():
@@ -278,14 +398,13 @@ def build_model_card(
             f"model-card template {template_path} not found (it ships inside the vivit_medmnist package); "
             "pass template_path="
         )
-    source = resolve_dataset(dataset_name, size)
-    dataset_pretty = f"{medmnist.INFO[source.name]['python_class']} ({size}³)"  # e.g. "OrganMNIST3D (28³)"
+    dataset = dataset or medmnist_dataset_card(dataset_name, size, split_sizes)
     by_split = _split_metrics(results)
     if "test" not in by_split:
         raise ValueError(
             f"results must hold test metrics (test_accuracy, test_auc, ...), got keys {sorted(results)}"
         )
-    model_name = f"vivit-medmnist-{source.name}" + ("" if size == 28 else f"-{size}")
+    model_name = f"vivit-medmnist-{dataset.name}" + ("" if size == 28 else f"-{size}")
 
     eval_results = []
     for split in ("test", "validation"):
@@ -296,9 +415,9 @@ def build_model_card(
                     EvalResult(
                         task_type=TASK,
                         task_name="Video (3D volume) classification",
-                        dataset_type="medmnist",
-                        dataset_name=f"MedMNIST v2 {dataset_pretty}",
-                        dataset_config=source.name,
+                        dataset_type="medmnist" if dataset.medmnist else "volume-folder",
+                        dataset_name=f"MedMNIST v2 {dataset.pretty}" if dataset.medmnist else dataset.pretty,
+                        dataset_config=dataset.name,
                         dataset_split=split,
                         metric_type=metric_type,
                         metric_value=by_split[split][metric],
@@ -308,7 +427,7 @@ def build_model_card(
     card_data = ModelCardData(
         license="apache-2.0",
         library_name="transformers",
-        tags=CARD_TAGS + [source.name],
+        tags=CARD_TAGS + [dataset.name] if dataset.medmnist else [t for t in CARD_TAGS if t != "medmnist"],
         base_model=base_model,
         metrics=["accuracy", "roc_auc"],
         model_name=model_name,
@@ -336,17 +455,18 @@ def build_model_card(
         model_description=describe_model(model.config),
         num_parameters=f"{model.num_parameters():,}",
         volume_size=" × ".join(map(str, model.config.volume_size)),
-        dataset_name=source.name,
-        dataset_pretty=dataset_pretty,
+        dataset_name=dataset.name,
+        dataset_pretty=dataset.pretty,
         dataset_size=size,
-        dataset_description=source.description,
-        dataset_task=source.task,
-        dataset_license=source.license,
-        dataset_homepage=MEDMNIST_HOMEPAGE,
-        dataset_splits=[
-            (split, _volumes(split_sizes, split, source.n_samples[key])) for split, key in _SPLIT_KEYS
-        ],
-        test_volumes=(split_sizes or {}).get("test", source.n_samples["test"]),
+        dataset_description=dataset.description,
+        dataset_task=dataset.task,
+        dataset_license=dataset.license,
+        dataset_homepage=dataset.homepage,
+        dataset_splits=dataset.splits,
+        test_volumes=dataset.test_volumes,
+        medmnist=dataset.medmnist,
+        splits_made=dataset.splits_made,
+        preprocessing=preprocessing,
         label_names=list(enumerate(label_names)),
         training_summary=[(str(k), _format(v)) for k, v in training_summary.items()],
         results_splits=splits,
@@ -390,7 +510,11 @@ def training_summary(
         "label smoothing": args.label_smoothing_factor or "none",
         "augmentation": ", ".join(f"{k}={v}" for k, v in augmentation.items()) or "none",
         "model selection": (
-            f"best validation {args.metric_for_best_model}" if args.load_best_model_at_end else "last epoch"
+            f"best validation {args.metric_for_best_model}"
+            if args.load_best_model_at_end
+            else f"weight average, decay {run.weight_average_decay}"
+            if run.weight_average_decay
+            else "last epoch"
         ),
         "seed": args.seed,
         "device": args.device.type,

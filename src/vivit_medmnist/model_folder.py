@@ -29,7 +29,7 @@ import numpy as np
 from . import pipeline_vivit_medmnist as pipeline_module
 from .calibration import calibrated_probabilities
 from .explain import DEFAULT_METHOD, evidence_gallery
-from .model_card import _label_names, build_model_card
+from .model_card import DatasetCard, _label_names, build_model_card, describe_preprocessing
 from .pipeline_vivit_medmnist import CUSTOM_PIPELINES
 from .plots import (
     plot_confusion_matrix,
@@ -56,6 +56,8 @@ def save_publishable_folder(
     split_sizes: Mapping[str, int] | None = None,
     base_model: str | None = None,
     test_volumes: np.ndarray | None = None,
+    dataset: DatasetCard | None = None,
+    splits_made: Mapping | None = None,
 ) -> None:
     """Write everything that gets published into `output_dir` (created if needed; other files are left alone).
 
@@ -75,6 +77,8 @@ def save_publishable_folder(
     MedMNIST's; `base_model` is the Hub id of the model that was fine-tuned, if any. With `test_volumes` (the
     raw test volumes, in the order of `test_labels`), `evidence_gallery.png` shows a correctly and a wrongly
     classified test volume of each class with the evidence for its prediction (`explain.DEFAULT_METHOD`).
+    `dataset` describes the user's own data for the card (default: the MedMNIST set `dataset_name`);
+    `splits_made` (the splits cut from the training files) is written as `splits.json`, which is not published.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -92,6 +96,8 @@ def save_publishable_folder(
         split_sizes=split_sizes,
         base_model=base_model,
         gallery_method=DEFAULT_METHOD if test_volumes is not None else None,
+        dataset=dataset,
+        preprocessing=describe_preprocessing(image_processor),
     )
 
     # `pipeline(model=folder, trust_remote_code=True)` reads the task from custom_pipelines and runs the copied file
@@ -108,6 +114,8 @@ def save_publishable_folder(
         rows = evidence_gallery(model, image_processor, np.asarray(test_volumes), labels, probabilities)
         plot_evidence_gallery(rows, DEFAULT_METHOD, output_dir / "evidence_gallery.png")
     card.save(output_dir / "README.md")
+    if splits_made:
+        (output_dir / "splits.json").write_text(json.dumps(splits_made, indent=2))
 
 
 def _check_predictions(labels, logits, num_labels: int) -> tuple[np.ndarray, np.ndarray]:

@@ -238,8 +238,13 @@ class VivitMedmnistAttention(nn.Module):
         self.o_proj.keras_fans = (self.head_dim * heads, hidden * heads)
 
     def forward(
-        self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`attention_mask`: None (every token attends to every token), or an additive mask broadcastable to
+        (batch, heads, tokens, tokens), 0 where a pair may attend: ViViT Models 3 and 4 (`factorised_attention_mask`)."""
         batch_size, seq_length, _ = hidden_states.shape
         # (batch, seq, 3 * hidden) -> 3 x (batch, heads, seq, head_dim) views
         qkv = self.qkv_proj(hidden_states).view(batch_size, seq_length, 3, self.num_heads, self.head_dim)
@@ -253,7 +258,7 @@ class VivitMedmnistAttention(nn.Module):
             query,
             key,
             value,
-            None,
+            attention_mask,
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
             **kwargs,
@@ -314,11 +319,64 @@ class VivitMedmnistLayer(GradientCheckpointingLayer):
         )
         self.drop_path = VivitMedmnistDropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
-        attn_output, _ = self.attention(self.layernorm_before(hidden_states), **kwargs)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        attn_output, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
         hidden_states = hidden_states + self.drop_path(self.dropout(attn_output))
         mlp_output = self.mlp(self.layernorm_after(hidden_states))
         return hidden_states + self.drop_path(self.dropout(mlp_output))
+
+
+class VivitMedmnistFactorisedSelfAttentionLayer(VivitMedmnistLayer):
+    """ViViT Model 3's block ("factorised self-attention", §3.3): x + spatial attn(LN(x)), then + temporal
+    attn(LN(.)), then + mlp(LN(.)). `attention_mask` (2, 1, 1, tokens, tokens) holds the spatial step's mask, then
+    the temporal step's (`factorised_attention_mask`)."""
+
+    def __init__(self, config: VivitMedmnistConfig, drop_path_rate: float = 0.0):
+        super().__init__(config, drop_path_rate)
+        self.layernorm_temporal = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.temporal_attention = VivitMedmnistAttention(config)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> torch.Tensor:
+        spatial_mask, temporal_mask = attention_mask
+        attn_output, _ = self.attention(self.layernorm_before(hidden_states), spatial_mask, **kwargs)
+        hidden_states = hidden_states + self.drop_path(self.dropout(attn_output))
+        attn_output, _ = self.temporal_attention(self.layernorm_temporal(hidden_states), temporal_mask, **kwargs)
+        hidden_states = hidden_states + self.drop_path(self.dropout(attn_output))
+        mlp_output = self.mlp(self.layernorm_after(hidden_states))
+        return hidden_states + self.drop_path(self.dropout(mlp_output))
+
+
+def factorised_attention_mask(
+    config: VivitMedmnistConfig, grid_size: list[int], device: torch.device
+) -> torch.Tensor | None:
+    """Where ViViT Models 3 and 4 let tokens attend, as additive masks (0: may attend, the float32 minimum: may
+    not) over the tokens in (d, h, w) order, token t * S + s for temporal index t (along depth) and spatial
+    position s (of S = h * w): None for Models 1 and 2.
+
+    - Model 3 (`factorised_self_attention`): (2, 1, 1, N, N), the spatial step (pairs with the same t) and the
+      temporal step (pairs with the same s);
+    - Model 4 (`factorised_dot_product`): (1, heads, N, N), the first half of the heads spatial, the rest temporal.
+    """
+    if config.encoder_type not in ("factorised_self_attention", "factorised_dot_product"):
+        return None
+    space = grid_size[1] * grid_size[2]
+    token = torch.arange(grid_size[0] * space, device=device)
+    time_index, space_index = token // space, token % space
+    blocked = torch.finfo(torch.float32).min
+    same_time = torch.where(time_index[:, None] == time_index[None], 0.0, blocked)
+    same_space = torch.where(space_index[:, None] == space_index[None], 0.0, blocked)
+    if config.encoder_type == "factorised_self_attention":
+        return torch.stack([same_time, same_space])[:, None, None]
+    spatial_heads = config.num_attention_heads // 2
+    heads = [same_time] * spatial_heads + [same_space] * (config.num_attention_heads - spatial_heads)
+    return torch.stack(heads)[None]
 
 
 def _drop_path_rates(config: VivitMedmnistConfig) -> list[float]:
@@ -330,16 +388,27 @@ def _drop_path_rates(config: VivitMedmnistConfig) -> list[float]:
 
 
 class VivitMedmnistEncoder(nn.Module):
-    """A stack of blocks, one per stochastic-depth rate (see `_drop_path_rates`)."""
+    """A stack of blocks, one per stochastic-depth rate (see `_drop_path_rates`): Model 3's blocks for
+    `encoder_type="factorised_self_attention"`, else the plain block (Models 1, 2 and 4)."""
 
     def __init__(self, config: VivitMedmnistConfig, drop_path_rates: list[float]):
         super().__init__()
-        self.layers = nn.ModuleList([VivitMedmnistLayer(config, rate) for rate in drop_path_rates])
+        layer_class = (
+            VivitMedmnistFactorisedSelfAttentionLayer
+            if config.encoder_type == "factorised_self_attention"
+            else VivitMedmnistLayer
+        )
+        self.layers = nn.ModuleList([layer_class(config, rate) for rate in drop_path_rates])
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
         for layer in self.layers:
-            # positional hidden_states: required by reentrant gradient checkpointing
-            hidden_states = layer(hidden_states, **kwargs)
+            # positional arguments: required by reentrant gradient checkpointing
+            hidden_states = layer(hidden_states, attention_mask, **kwargs)
         return hidden_states
 
 
@@ -540,7 +609,8 @@ class VivitMedmnistModel(VivitMedmnistPreTrainedModel):
     """The bare encoder: embeddings -> blocks -> final LayerNorm -> pooled output (token mean or CLS state).
 
     With `encoder_type="factorised_encoder"` the blocks are `VivitMedmnistFactorisedEncoder`'s and
-    `last_hidden_state` holds one token per temporal index.
+    `last_hidden_state` holds one token per temporal index. With `"factorised_self_attention"` (Model 3) and
+    `"factorised_dot_product"` (Model 4) the blocks attend through `factorised_attention_mask`.
     """
 
     def __init__(self, config: VivitMedmnistConfig):
@@ -572,10 +642,13 @@ class VivitMedmnistModel(VivitMedmnistPreTrainedModel):
             encoder's temporal ones) are resized to their token grid, trilinearly over all three axes.
 
         `output_hidden_states=True` returns the embeddings and the output of every block (before the final
-        LayerNorm), `num_hidden_layers + 1` tensors (with `encoder_type="factorised_encoder"`, then also the
-        temporal blocks' outputs; the spatial ones have shape `(batch * grid_size[0], tokens per slab, hidden)`); `output_attentions=True` returns each block's attention
-        weights and needs `attn_implementation="eager"` (like every transformers model, SDPA computes no weights:
-        it warns and returns none).
+        LayerNorm), `num_hidden_layers + 1` tensors of shape (batch, tokens, hidden) (with
+        `encoder_type="factorised_encoder"`, then also the temporal blocks' outputs; the spatial ones have shape
+        `(batch * grid_size[0], tokens per slab, hidden)`). `output_attentions=True` returns the attention
+        weights of every attention layer, (batch, heads, tokens, tokens): one per block, two per block for
+        Model 3 (the spatial, then the temporal step), and for Models 3 and 4 zero wherever
+        `factorised_attention_mask` forbids a pair. It needs `attn_implementation="eager"` (like every
+        transformers model, SDPA computes no weights: it warns and returns none).
         """
         check_pixel_values(pixel_values, self.config, any_size=interpolate_pos_encoding)
         dtype = self.embeddings.tubelet_embeddings.projection.weight.dtype
@@ -588,9 +661,13 @@ class VivitMedmnistModel(VivitMedmnistPreTrainedModel):
                 (pixel_values.shape[1], pixel_values.shape[3], pixel_values.shape[4])
             )
         embeddings = self.embeddings(pixel_values, grid_size)
-        if self.config.encoder_type == "factorised_encoder" and grid_size is not None:
-            kwargs["num_frames"] = grid_size[0]
-        hidden_states = self.encoder(embeddings, **kwargs)
+        if self.config.encoder_type == "factorised_encoder":
+            if grid_size is not None:
+                kwargs["num_frames"] = grid_size[0]
+            hidden_states = self.encoder(embeddings, **kwargs)
+        else:  # Models 3 and 4 attend through a mask of the token grid, Model 1 through none
+            mask = factorised_attention_mask(self.config, grid_size or self.config.grid_size, embeddings.device)
+            hidden_states = self.encoder(embeddings, mask, **kwargs)
         sequence_output = self.layernorm(hidden_states)
         if self.config.pooling == "cls":
             pooled_output = sequence_output[:, 0]

@@ -115,13 +115,15 @@ def as_batch(array: np.ndarray, volume_size: list[int], where: str, resize: bool
 
 
 def preprocess(
-    processor, array: np.ndarray, volume_size: list[int], where: str, resize: bool = False
+    processor, array: np.ndarray, volume_size: list[int], where: str, resize: bool = False, spacing=None
 ) -> torch.Tensor:
-    """The model's pixel_values for a file's array; the processor's dtype and value checks, named by file."""
+    """The model's pixel_values for a file's array; the processor's dtype and value checks, named by file. A
+    processor saved with resizing (a model trained on the user's own volumes) resizes as it did in training."""
+    resize = resize or processor.do_resize or getattr(processor, "keep_aspect_ratio", False)
     batch = as_batch(array, volume_size, where, resize)
     resizing = {"do_resize": True, "size": list(volume_size)} if resize else {}
     try:
-        return processor(batch, return_tensors="pt", **resizing)["pixel_values"]
+        return processor(batch, return_tensors="pt", spacing=spacing, **resizing)["pixel_values"]
     except ValueError as err:
         if isinstance(err, InputError):
             raise
@@ -229,7 +231,8 @@ def main(argv=None) -> None:
             for key, array in load_arrays(Path(name), args.key):
                 where = name if key is None else f"{name}[{key}]"
                 resize = args.resize or is_nifti(Path(name))
-                pixel_values = preprocess(processor, array, model.config.volume_size, where, resize)
+                spacing = nifti_header(Path(name))[1] if is_nifti(Path(name)) else None
+                pixel_values = preprocess(processor, array, model.config.volume_size, where, resize, spacing)
                 inputs.append((name, key, array, pixel_values))
         if args.explain:
             for path in explanation_paths(args, inputs):

@@ -16,9 +16,10 @@ from transformers import set_seed
 from vivit_medmnist.arguments import parse_args
 from vivit_medmnist.calibration import calibrate
 from vivit_medmnist.checkpoints import set_aside
-from vivit_medmnist.model_card import hub_id, training_summary
+from vivit_medmnist.model_card import data_card, hub_id, training_summary
 from vivit_medmnist.model_folder import save_publishable_folder, save_results
 from vivit_medmnist.safe_io import staged_files, unlock_folder
+from vivit_medmnist.weight_average import AVERAGE_FILE
 from vivit_medmnist.trainer_setup import (
     build_image_processor,
     build_model,
@@ -45,15 +46,16 @@ def main(argv=None):
     try:
         # Bad arguments and missing data end here with the message, not a traceback; nothing is written before
         # the checks pass.
-        checkpoint, damaged = resolve_checkpoint(run.training, overwrite=run.overwrite_output_dir)
+        required = (AVERAGE_FILE,) if run.weight_average_decay else ()  # what a complete checkpoint holds
+        checkpoint, damaged = resolve_checkpoint(run.training, run.overwrite_output_dir, required)
         check_output_dir(run, checkpoint)  # a finished model there is replaced only when the user asked
-        with run.training.main_process_first(desc="loading the data"):  # the first run downloads it once
-            data = load_data(run.data)
+        image_processor = build_image_processor(run.model, run.data)
+        with run.training.main_process_first(desc="loading the data"):  # downloaded or preprocessed once
+            data = load_data(run.data, image_processor, run.training.seed)
         label_names = data["train"].features["label"].names
         set_seed(run.training.seed)  # before the model is made: its initial weights depend on it
         model = build_model(run.model, label_names, run.data.size, run.recipe_override_keys)
         speed_up(model, run.training.device)  # decided once, here, never saved: see trainer_setup.speed_up
-        image_processor = build_image_processor(run.model)
         lock = lock_output_dir(run)  # a second run on this folder is refused while this one goes on
     except (ValueError, OSError) as err:
         finish_distributed(wait=False)
@@ -61,7 +63,7 @@ def main(argv=None):
     if run.training.process_index == 0:
         set_aside(damaged)  # damaged checkpoints newer than the one resumed, renamed with a warning
 
-    trainer = build_trainer(model, image_processor, data, run)
+    trainer = build_trainer(model, image_processor, data, run, checkpoint)
     if checkpoint is not None:
         logger.info(f"resuming from {checkpoint}")
     elif run.overwrite_output_dir and trainer.is_world_process_zero():
@@ -104,6 +106,8 @@ def main(argv=None):
                 split_sizes={split: len(rows) for split, rows in data.items()},
                 base_model=hub_id(run.model.model_name_or_path),
                 test_volumes=data["test"].with_format("numpy")["volume"],
+                dataset=data_card(run.data, data),
+                splits_made=data.splits_made,
             )
         logger.info(f"publishable folder: {run.output_dir} (checkpoints in {run.training.output_dir})")
     finish_distributed()

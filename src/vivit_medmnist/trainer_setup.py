@@ -47,6 +47,7 @@ from .modeling_vivit_medmnist import VivitMedmnistForVideoClassification
 from .publishing import publishable_files
 from .resolution import transfer_resolution
 from .safe_io import is_inside, lock_folder, same_path
+from .weight_average import WeightAverage
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,9 @@ def remove_checkpoints(training_args: TrainingArguments) -> None:
         shutil.rmtree(checkpoint)
 
 
-def resolve_checkpoint(training_args: TrainingArguments, overwrite: bool = False) -> tuple[str | None, list]:
+def resolve_checkpoint(
+    training_args: TrainingArguments, overwrite: bool = False, required: tuple[str, ...] = ()
+) -> tuple[str | None, list]:
     """The checkpoint to resume from (None: a new run) and the damaged ones to set aside, see
     `vivit_medmnist.checkpoints.resolve_checkpoint`. ValueError when resuming is impossible, or when a new run
     would mix its checkpoints with another run's."""
@@ -130,13 +133,44 @@ def resolve_checkpoint(training_args: TrainingArguments, overwrite: bool = False
                 "--overwrite_output_dir to start afresh (the old checkpoints are deleted)."
             )
         return None, []
-    return checkpoints.resolve_checkpoint(checkpoint_dir, requested, RESUME_LAST)
+    return checkpoints.resolve_checkpoint(checkpoint_dir, requested, RESUME_LAST, required)
 
 
-def load_data(data_args: DataArguments) -> datasets.DatasetDict:
+def load_data(data_args: DataArguments, image_processor=None, seed: int = 42) -> datasets.DatasetDict:
     """The train/validation/test splits, cut to the --max_*_samples first volumes, read as uint8 (the collator's
-    input as stored: no widening to int64 and back on every row)."""
-    data = load_medmnist3d(data_args.dataset_name, size=data_args.size, data_dir=data_args.data_dir)
+    input as stored: no widening to int64 and back on every row): a MedMNIST file, or the user's volumes (a
+    folder, `vivit_medmnist.volume_folder.load_volume_folder`; a datasets dataset, `load_volume_dataset`),
+    preprocessed by `image_processor` with missing splits cut with `seed`."""
+    from .volume_folder import load_volume_dataset, load_volume_folder
+
+    own = {
+        "seed": seed,
+        "validation_fraction": data_args.validation_fraction,
+        "test_fraction": data_args.test_fraction,
+        "num_proc": data_args.preprocessing_num_workers,
+    }
+    if data_args.data_folder or data_args.train_dir:
+        source = data_args.data_folder or {
+            split: folder
+            for split, folder in (
+                ("train", data_args.train_dir),
+                ("validation", data_args.validation_dir),
+                ("test", data_args.test_dir),
+            )
+            if folder
+        }
+        data = load_volume_folder(source, image_processor, class_names=data_args.class_names, **own)
+    elif data_args.own_volumes():
+        data = load_volume_dataset(
+            data_args.dataset_name,
+            image_processor,
+            volume_column=data_args.volume_column_name,
+            label_column=data_args.label_column_name,
+            **own,
+        )
+    else:
+        data = load_medmnist3d(data_args.dataset_name, size=data_args.size, data_dir=data_args.data_dir)
+    splits_made = getattr(data, "splits_made", {})
     data = data.with_format("numpy", dtype=np.uint8)
     limits = {
         "train": data_args.max_train_samples,
@@ -146,6 +180,7 @@ def load_data(data_args: DataArguments) -> datasets.DatasetDict:
     for split, limit in limits.items():
         if limit is not None:
             data[split] = data[split].select(range(min(limit, len(data[split]))))
+    data.splits_made = splits_made
     return data
 
 
@@ -269,24 +304,38 @@ def _fine_tuning_overrides(saved, overrides: dict, recipe_override_keys: frozens
     return applied
 
 
-def build_image_processor(model_args: ModelArguments):
-    """The saved model's processor when fine-tuning, else the default (uint8 / 255, as the reference)."""
-    if model_args.model_name_or_path is None:
-        return VivitMedmnistImageProcessor()
-    return AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
+def build_image_processor(model_args: ModelArguments, data_args: DataArguments):
+    """The saved model's processor when fine-tuning; else for MedMNIST the default (uint8 / 255, as the
+    reference), for the user's own volumes one that resizes them to `--size` with their intensity and aspect
+    options (saved with the model, so that predict.py and the pipeline repeat them)."""
+    if model_args.model_name_or_path is not None:
+        return AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
+    if data_args.own_volumes():
+        return VivitMedmnistImageProcessor(**data_args.preprocessing())
+    return VivitMedmnistImageProcessor()
 
 
-def build_trainer(model, image_processor, data: datasets.DatasetDict, run: RunArguments) -> Trainer:
+def build_trainer(
+    model, image_processor, data: datasets.DatasetDict, run: RunArguments, checkpoint: str | None = None
+) -> Trainer:
+    """The Trainer of a run: augmented training data, the collator, MedMNIST's metrics, and the callbacks (the
+    epoch for the augmentation; the weight average with `--weight_average_decay`, resumed from `checkpoint`)."""
     train = AugmentedDataset(data["train"], seed=run.training.seed, **run.data.augmentation())
+    callbacks = [EpochCallback(train)]
+    if run.weight_average_decay:
+        callbacks.append(WeightAverage(run.weight_average_decay, checkpoint))
+    # the stored volumes are preprocessed already (uint8 at the model's size): the collator only scales them;
+    # the saved processor (`image_processor`) is what raw volumes go through at inference
+    stored = VivitMedmnistImageProcessor() if run.data.own_volumes() else image_processor
     return Trainer(
         model=model,
         args=run.training,
         train_dataset=train,
         eval_dataset=data["validation"],
-        data_collator=MedMNIST3DCollator(image_processor),
+        data_collator=MedMNIST3DCollator(stored),
         processing_class=image_processor,
         compute_metrics=compute_metrics,
-        callbacks=[EpochCallback(train)],
+        callbacks=callbacks,
     )
 
 
