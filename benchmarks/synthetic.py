@@ -48,6 +48,17 @@ OPTIONS: dict[str, dict] = {
         "tubelet_size": 1,
         "encoder_type": "factorised_encoder",
     },
+    # ViViT Models 3 and 4 (issue 21) on the stem of recipes/medmnist3d.yaml
+    "stem3_model3": {
+        "conv_stem_channels": [32, 64, 128],
+        "tubelet_size": 1,
+        "encoder_type": "factorised_self_attention",
+    },
+    "stem3_model4": {
+        "conv_stem_channels": [32, 64, 128],
+        "tubelet_size": 1,
+        "encoder_type": "factorised_dot_product",
+    },
 }
 
 

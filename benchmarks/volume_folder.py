@@ -127,11 +127,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--num_proc", type=int, default=2)
     parser.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data"), help="holds adrenalmnist3d_64.npz")
     parser.add_argument("--skip_training", action="store_true")
+    parser.add_argument("--generate_only", action="store_true", help="write the volumes and stop")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     root = Path(args.root)
     report = {"settings": vars(args), "generate_seconds": generate(root, args.count, args.edge)}
     print(f"generated {args.count} volumes of {args.edge}^3 in {report['generate_seconds']:.0f} s", flush=True)
+    if args.generate_only:
+        return report
     with tempfile.TemporaryDirectory(prefix="volume-folder-") as tmp:
         report["preprocess_tenth"] = preprocess(root, Path(tmp) / "cache_tenth", args.num_proc, args.count // 10)
         print(f"a tenth: {report['preprocess_tenth']}", flush=True)

@@ -194,3 +194,52 @@ def test_transfer_check_scores_a_stem_model_before_and_after_scaling(repo_root, 
         assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["auc"] <= 1.0
     # interpolating at run time and transferring without rescaling are the same model
     assert results["interpolate"] == results["transfer"]
+
+
+def test_cpu_speed_benchmark_tiny(repo_root, tmp_path):
+    out = tmp_path / "cpu_speed.json"
+    done = subprocess.run(
+        [sys.executable, str(repo_root / "benchmarks" / "cpu_speed.py"), "--tiny", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, check=False, cwd=repo_root,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"before", "after"}
+    assert report["settings"]["before_commit"] == "57e35e2"  # the yardstick is the code before issue 22
+    for variant in ("before", "after"):
+        for mode in ("train", "inference"):
+            result = report["results"][variant][mode]
+            assert result["median_step_ms"] > 0 and result["speedup_median_of_rounds"] > 0
+    assert report["results"]["before"]["train"]["speedup_of_medians"] == 1.0
+    assert report["machine"]["variants"]["after"]["keep_freed_memory"] is True
+
+
+def test_explanations_benchmark_tiny(repo_root, tmp_path):
+    out = tmp_path / "explanations.json"
+    done = subprocess.run(
+        [sys.executable, str(repo_root / "benchmarks" / "explanations.py"), "--options", "stem3", "--epochs", "1",
+         "--train", "32", "--val", "20", "--volumes", "2", "--random_volumes", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=900, check=False, cwd=repo_root,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert 0 < report["chance"]["uniform_voxel"] < report["chance"]["tube_voxel"] < 1
+    methods = report["options"][0]["methods"]
+    assert set(methods) == {"rollout", "integrated_gradients", "occlusion"}
+    for result in methods.values():
+        assert 0 <= result["pointing_game"] <= 1 and -1 <= result["spearman_trained_vs_randomised"] <= 1
+        assert result["seconds_per_volume"] > 0
+
+
+def test_volume_folder_benchmark_tiny(repo_root, tmp_path):
+    out = tmp_path / "volume_folder.json"
+    done = subprocess.run(
+        [sys.executable, str(repo_root / "benchmarks" / "volume_folder.py"), "--root", str(tmp_path / "volumes"),
+         "--count", "60", "--edge", "32", "--skip_training", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, check=False, cwd=repo_root,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["preprocess"]["volumes"] == 60 and report["preprocess_tenth"]["volumes"] == 6
+    assert report["preprocess"]["cached_seconds"] < report["preprocess"]["seconds"]
+    assert len(list((tmp_path / "volumes" / "lesion").glob("*.nii"))) == 30

@@ -180,3 +180,46 @@ def test_metrics_report_ece_and_brier():
     probabilities = calibrated_probabilities(logits, None)
     assert metrics["ece"] == pytest.approx(expected_calibration_error(probabilities, [0, 1, 1, 1]))
     assert metrics["brier"] == pytest.approx(brier_score(probabilities, [0, 1, 1, 1]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# predict.py --explain
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_predict_explain_writes_aligned_maps_and_pictures(tmp_path, capsys):
+    nibabel = pytest.importorskip("nibabel")
+    from test_publishing import make_folder
+
+    from vivit_medmnist.predict import main
+
+    model = tmp_path / "model"
+    make_folder(model)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "batch.npy", rng.integers(0, 256, (2, 28, 28, 28), dtype=np.uint8))
+    affine = np.diag([0.7, 0.7, 2.5, 1.0])
+    affine[:3, 3] = [10, -5, 3]
+    nibabel.save(nibabel.Nifti1Image(rng.random((40, 36, 30)).astype(np.float32), affine), tmp_path / "scan.nii.gz")
+    out = tmp_path / "why"
+    main(["--model_name_or_path", str(model), str(tmp_path / "batch.npy"), str(tmp_path / "scan.nii.gz"),
+          "--explain", "rollout", "--explain_dir", str(out)])  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == [
+        "batch_0.rollout.npy", "batch_0.rollout.png", "batch_1.rollout.npy", "batch_1.rollout.png",
+        "scan.rollout.nii.gz", "scan.rollout.png",
+    ]  # fmt: skip
+    assert np.load(out / "batch_0.rollout.npy").shape == (28, 28, 28)
+    image = nibabel.load(out / "scan.rollout.nii.gz")
+    assert image.shape == (40, 36, 30) and np.allclose(image.affine, affine)  # the input's voxels and affine
+    from PIL import Image
+
+    with Image.open(out / "scan.rollout.png") as picture:
+        assert picture.format == "PNG" and min(picture.size) > 200
+    assert "evidence (rollout):" in capsys.readouterr().out
+    # nothing is replaced unless asked; an unknown method is a usage error
+    with pytest.raises(SystemExit, match="already exists; pass --overwrite_output_file"):
+        main(["--model_name_or_path", str(model), str(tmp_path / "batch.npy"), "--explain", "rollout",
+              "--explain_dir", str(out)])  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model_name_or_path", str(model), str(tmp_path / "batch.npy"), "--explain", "lime"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'lime'" in capsys.readouterr().err

@@ -316,3 +316,15 @@ def test_publishing_takes_only_the_files_the_model_needs(tmp_path):
     assert dry_run.returncode == 0, dry_run.stderr[-3000:]
     assert "Left out (not needed by the model): my_script.py, notes.png, scores_results.json" in dry_run.stdout
     assert "my_script.py" not in dry_run.stdout.split("Left out")[0]
+
+
+def test_a_damaged_model_folder_is_named_through_remote_code_and_the_pipeline(tmp_path):
+    from transformers import pipeline
+
+    from vivit_medmnist.publishing import load_without_package
+
+    folder = damaged_folders(tmp_path)["extra_label"]
+    with pytest.raises(RuntimeError, match="config.json does not match model.safetensors"):
+        load_without_package(folder)  # the folder's own code, where this package is not installed
+    with pytest.raises(ValueError, match="config.json does not match model.safetensors"):
+        pipeline(model=str(folder), trust_remote_code=True)

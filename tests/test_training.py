@@ -389,11 +389,15 @@ def test_bare_resume_flag_means_the_last_checkpoint(tmp_path):
 
     from test_faults import fake_checkpoint
 
-    training = parse_args(["--output_dir", str(tmp_path), "--resume_from_checkpoint"]).training
-    assert resolve_checkpoint(training) == (None, [])  # nothing to resume: the run starts from the beginning
+    run = parse_args(["--output_dir", str(tmp_path), "--resume_from_checkpoint"])
+    assert resolve_checkpoint(run) == (None, [])  # nothing to resume: the run starts from the beginning
     for step in (2, 10, 4):
         fake_checkpoint(tmp_path / "checkpoints", step)
-    assert resolve_checkpoint(training) == (str(tmp_path / "checkpoints" / "checkpoint-10"), [])
+    assert resolve_checkpoint(run) == (str(tmp_path / "checkpoints" / "checkpoint-10"), [])
+    # a run with a weight average needs it in its checkpoints: none of these is complete for it
+    averaged = parse_args(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "--weight_average_decay", "0.99"])
+    checkpoint, damaged = resolve_checkpoint(averaged)
+    assert checkpoint is None and "missing weight_average.safetensors" in damaged[0][1]
 
 
 def test_shipped_recipes():

@@ -22,7 +22,7 @@ from vivit_medmnist.volume_folder import load_volume_dataset, load_volume_folder
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-import export_volumes  # noqa: E402
+import export_volumes
 
 nibabel = pytest.importorskip("nibabel")
 TINY = "hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=64"

@@ -35,12 +35,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from .cpu_speed import CPU_ATTENTION
+from .volume_files import is_nifti, nifti_header
 
 logger = logging.getLogger(__name__)
 
@@ -319,3 +321,70 @@ def evidence_gallery(
             row.append((pixel_values[0, :, 0].float().numpy(), heatmap, caption))
         rows.append(tuple(row))
     return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing explanations (vivit-medmnist-predict --explain)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def explanation_stem(folder, method: str, name: str, key: str | None, index: int | None) -> Path:
+    """`folder`/<file name without extension>[_<key>][_<index>].<method>"""
+    base = Path(name).name
+    for suffix in (".nii.gz", ".nii", ".npy", ".npz"):
+        if base.lower().endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    parts = [base] + ([key] if key is not None else []) + ([str(index)] if index is not None else [])
+    return Path(folder) / f"{'_'.join(parts)}.{method}"
+
+
+def explanation_paths(folder, method: str, inputs) -> list[Path]:
+    """Every file `write_explanation` will write for `inputs` ((name, key, array, pixel_values) per file)."""
+    paths = []
+    for name, key, array, _ in inputs:
+        indices = range(len(array)) if array.ndim == 4 else [None]
+        suffix = ".nii.gz" if is_nifti(Path(name)) else ".npy"
+        for index in indices:
+            stem = explanation_stem(folder, method, name, key, index)
+            paths += [stem.with_name(stem.name + suffix), stem.with_name(stem.name + ".png")]
+    return paths
+
+
+def write_explanation(model, volume, index, top, bf16: bool, method: str, folder) -> list[Path]:
+    """`vivit-medmnist-predict --explain`: the evidence map of one volume (`volume`: file name, npz key, the
+    array as read, its pixel_values) for its predicted class (`top`: label id, probability), as .npy / .nii.gz
+    aligned with the input, and a PNG; returns the paths written."""
+    from .cpu_speed import autocast_for
+    from .plots import plot_explanation
+
+    name, key, array, pixel_values = volume
+    label_id, probability = top
+    with autocast_for(model.device, bf16):
+        heatmap = explain(model, pixel_values, method, target=label_id)[0]
+    stem = explanation_stem(folder, method, name, key, index)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    aligned = heatmap
+    if tuple(array.shape) != heatmap.shape:  # resized for the model: back to the input's voxels
+        aligned = resize_volume(heatmap, array.shape)
+    if is_nifti(Path(name)):
+        import nibabel
+
+        affine, _ = nifti_header(Path(name))
+        data_path = stem.with_name(stem.name + ".nii.gz")
+        nibabel.save(nibabel.Nifti1Image(aligned.astype(np.float32), affine), data_path)
+    else:
+        data_path = stem.with_name(stem.name + ".npy")
+        np.save(data_path, aligned.astype(np.float32))
+    label = model.config.id2label[label_id]
+    kind = "calibrated probability" if getattr(model.config, "calibration_temperature", None) else "probability"
+    png = stem.with_name(stem.name + ".png")
+    title = f"{Path(name).name}{f'[{key}]' if key else ''}{f'[{index}]' if index is not None else ''}: {label} ({kind} {probability:.3f})"
+    plot_explanation(pixel_values[0, :, 0].float().cpu().numpy(), heatmap, title, method, png)
+    return [data_path, png]
+
+
+def resize_volume(volume: np.ndarray, shape) -> np.ndarray:
+    """Trilinear resize of a (D, H, W) map to `shape` (align_corners=False, as the processor resizes)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
+    return torch.nn.functional.interpolate(tensor, size=tuple(shape), mode="trilinear", align_corners=False)[0, 0].numpy()

@@ -42,8 +42,7 @@ from transformers import AutoImageProcessor, AutoModelForVideoClassification
 
 import vivit_medmnist  # noqa: F401 -- registers the model with the Auto classes
 from vivit_medmnist.cpu_speed import PRECISIONS, autocast_for, prepare_for_inference
-from vivit_medmnist.explain import DEFAULT_METHOD, METHODS, explain
-from vivit_medmnist.plots import plot_explanation
+from vivit_medmnist.explain import DEFAULT_METHOD, METHODS, explanation_paths, write_explanation
 from vivit_medmnist.publishing import check_model_path
 from vivit_medmnist.safe_io import check_new_output, write_text_atomic
 from vivit_medmnist.volume_files import InputError, is_nifti, load_arrays, nifti_header
@@ -147,63 +146,6 @@ def predict(
     return results
 
 
-def explanation_stem(args, name: str, key: str | None, index: int | None) -> Path:
-    """`--explain_dir`/<file name without extension>[_<key>][_<index>].<method>"""
-    base = Path(name).name
-    for suffix in (".nii.gz", ".nii", ".npy", ".npz"):
-        if base.lower().endswith(suffix):
-            base = base[: -len(suffix)]
-            break
-    parts = [base] + ([key] if key is not None else []) + ([str(index)] if index is not None else [])
-    return Path(args.explain_dir) / f"{'_'.join(parts)}.{args.explain}"
-
-
-def explanation_paths(args, inputs) -> list[Path]:
-    paths = []
-    for name, key, array, _ in inputs:
-        indices = range(len(array)) if array.ndim == 4 else [None]
-        suffix = ".nii.gz" if is_nifti(Path(name)) else ".npy"
-        for index in indices:
-            stem = explanation_stem(args, name, key, index)
-            paths += [stem.with_name(stem.name + suffix), stem.with_name(stem.name + ".png")]
-    return paths
-
-
-def write_explanation(model, volume, index, top, bf16: bool, args) -> list[Path]:
-    """The evidence map of one volume for its predicted class, as .npy / .nii.gz (aligned with the input) and
-    PNG; returns the paths written."""
-    name, key, array, pixel_values = volume
-    label_id, probability = top
-    with autocast_for(model.device, bf16):
-        heatmap = explain(model, pixel_values, args.explain, target=label_id)[0]
-    stem = explanation_stem(args, name, key, index)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    aligned = heatmap
-    if tuple(array.shape) != heatmap.shape:  # resized for the model: back to the input's voxels
-        aligned = resize_volume(heatmap, array.shape)
-    if is_nifti(Path(name)):
-        import nibabel
-
-        affine, _ = nifti_header(Path(name))
-        data_path = stem.with_name(stem.name + ".nii.gz")
-        nibabel.save(nibabel.Nifti1Image(aligned.astype(np.float32), affine), data_path)
-    else:
-        data_path = stem.with_name(stem.name + ".npy")
-        np.save(data_path, aligned.astype(np.float32))
-    label = model.config.id2label[label_id]
-    kind = "calibrated probability" if getattr(model.config, "calibration_temperature", None) else "probability"
-    png = stem.with_name(stem.name + ".png")
-    title = f"{Path(name).name}{f'[{key}]' if key else ''}{f'[{index}]' if index is not None else ''}: {label} ({kind} {probability:.3f})"
-    plot_explanation(pixel_values[0, :, 0].float().cpu().numpy(), heatmap, title, args.explain, png)
-    return [data_path, png]
-
-
-def resize_volume(volume: np.ndarray, shape) -> np.ndarray:
-    """Trilinear resize of a (D, H, W) map to `shape` (align_corners=False, as the processor resizes)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
-    return torch.nn.functional.interpolate(tensor, size=tuple(shape), mode="trilinear", align_corners=False)[0, 0].numpy()
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     if message := check_model_path(args.model_name_or_path):
@@ -235,7 +177,7 @@ def main(argv=None) -> None:
                 pixel_values = preprocess(processor, array, model.config.volume_size, where, resize, spacing)
                 inputs.append((name, key, array, pixel_values))
         if args.explain:
-            for path in explanation_paths(args, inputs):
+            for path in explanation_paths(args.explain_dir, args.explain, inputs):
                 check_new_output(path, args.overwrite_output_file, [*args.files, args.model_name_or_path],
                                  option="--explain_dir file")  # fmt: skip
     except (InputError, FileExistsError) as err:
@@ -266,7 +208,8 @@ def main(argv=None) -> None:
             print(f"{where}: {record['label']}  (top-{len(top)}: {ranking})")
             if args.explain:
                 volume = (name, key, array[index] if is_batch else array, pixel_values[index : index + 1])
-                written = write_explanation(model, volume, index if is_batch else None, top[0], bf16, args)
+                written = write_explanation(model, volume, index if is_batch else None, top[0], bf16,
+                                            args.explain, args.explain_dir)  # fmt: skip
                 print(f"  evidence ({args.explain}): {', '.join(map(str, written))}")
     if args.output_file:
         try:

@@ -1,4 +1,4 @@
-"""Train ViViT on a MedMNIST 3D set and leave a publishable model folder in --output_dir.
+"""Train ViViT on a MedMNIST 3D set or your own volumes and leave a publishable model folder in --output_dir.
 
     vivit-medmnist-train --recipe recipes/organmnist3d.yaml --output_dir outputs/organmnist3d
     vivit-medmnist-train --recipe recipes/organmnist3d.yaml --output_dir outputs/organmnist3d --resume_from_checkpoint
@@ -19,7 +19,6 @@ from vivit_medmnist.checkpoints import set_aside
 from vivit_medmnist.model_card import data_card, hub_id, training_summary
 from vivit_medmnist.model_folder import save_publishable_folder, save_results
 from vivit_medmnist.safe_io import staged_files, unlock_folder
-from vivit_medmnist.weight_average import AVERAGE_FILE
 from vivit_medmnist.trainer_setup import (
     build_image_processor,
     build_model,
@@ -46,8 +45,7 @@ def main(argv=None):
     try:
         # Bad arguments and missing data end here with the message, not a traceback; nothing is written before
         # the checks pass.
-        required = (AVERAGE_FILE,) if run.weight_average_decay else ()  # what a complete checkpoint holds
-        checkpoint, damaged = resolve_checkpoint(run.training, run.overwrite_output_dir, required)
+        checkpoint, damaged = resolve_checkpoint(run)  # the newest complete one (see vivit_medmnist.checkpoints)
         check_output_dir(run, checkpoint)  # a finished model there is replaced only when the user asked
         image_processor = build_image_processor(run.model, run.data)
         with run.training.main_process_first(desc="loading the data"):  # downloaded or preprocessed once

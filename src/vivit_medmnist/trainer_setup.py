@@ -47,7 +47,7 @@ from .modeling_vivit_medmnist import VivitMedmnistForVideoClassification
 from .publishing import publishable_files
 from .resolution import transfer_resolution
 from .safe_io import is_inside, lock_folder, same_path
-from .weight_average import WeightAverage
+from .weight_average import AVERAGE_FILE, WeightAverage
 
 logger = logging.getLogger(__name__)
 
@@ -116,17 +116,16 @@ def remove_checkpoints(training_args: TrainingArguments) -> None:
         shutil.rmtree(checkpoint)
 
 
-def resolve_checkpoint(
-    training_args: TrainingArguments, overwrite: bool = False, required: tuple[str, ...] = ()
-) -> tuple[str | None, list]:
+def resolve_checkpoint(run: RunArguments) -> tuple[str | None, list]:
     """The checkpoint to resume from (None: a new run) and the damaged ones to set aside, see
-    `vivit_medmnist.checkpoints.resolve_checkpoint`. ValueError when resuming is impossible, or when a new run
-    would mix its checkpoints with another run's."""
-    checkpoint_dir = Path(training_args.output_dir)
-    requested = training_args.resume_from_checkpoint
+    `vivit_medmnist.checkpoints.resolve_checkpoint` (a run with a weight average needs it in its checkpoints).
+    ValueError when resuming is impossible, or when a new run would mix its checkpoints with another run's."""
+    checkpoint_dir = Path(run.training.output_dir)
+    requested = run.training.resume_from_checkpoint
+    required = (AVERAGE_FILE,) if run.weight_average_decay else ()
     if requested is None:
         existing = sorted(checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")) if checkpoint_dir.is_dir() else []
-        if existing and not overwrite:
+        if existing and not run.overwrite_output_dir:
             raise ValueError(
                 f"{checkpoint_dir} already holds checkpoints ({', '.join(p.name for p in existing[-3:])}) of another "
                 "run. Continue it with --resume_from_checkpoint, choose another --output_dir, or pass "
