@@ -274,13 +274,18 @@ EXPECTED = {
 }
 
 
-def test_a_damaged_model_folder_is_one_error_line_in_predict_and_evaluate(tmp_path):
+def test_a_damaged_model_folder_is_one_error_line_in_predict_and_evaluate(tmp_path, shared_data_dir, capsys):
     volume = tmp_path / "volume.npy"
     np.save(volume, np.zeros((28, 28, 28), dtype=np.uint8))
+    evaluate = load_script("evaluate")
     for name, folder in damaged_folders(tmp_path).items():
         before = folder_digests(folder)
         predict = run_script("predict", "--model_name_or_path", folder, volume)
         assert_user_error(predict, f"cannot load a model and image processor from '{folder}'", EXPECTED[name])
+        with pytest.raises(SystemExit) as exit_info:  # the same door of evaluate.py, in-process
+            evaluate.main(["--model_name_or_path", str(folder), "--dataset_name", "adrenalmnist3d",
+                           "--data_dir", str(shared_data_dir)])  # fmt: skip
+        assert str(exit_info.value.code).startswith("error: cannot load a model") and EXPECTED[name] in str(exit_info.value.code)
         assert folder_digests(folder) == before
 
 
@@ -328,3 +333,36 @@ def test_a_damaged_model_folder_is_named_through_remote_code_and_the_pipeline(tm
         load_without_package(folder)  # the folder's own code, where this package is not installed
     with pytest.raises(ValueError, match="config.json does not match model.safetensors"):
         pipeline(model=str(folder), trust_remote_code=True)
+
+
+def test_the_package_logs_through_one_setting(caplog):
+    """A module's INFO lines (here the resolution transfer's list of what it resized) show under the one
+    setting the commands make, `vivit_medmnist.set_verbosity(INFO)`."""
+    import logging
+
+    import vivit_medmnist
+    from vivit_medmnist import VivitMedmnistConfig, VivitMedmnistForVideoClassification
+    from vivit_medmnist.resolution import transfer_resolution
+
+    model = VivitMedmnistForVideoClassification(VivitMedmnistConfig(**{k: int(v) for k, v in (i.split("=") for i in TINY.split(","))}))
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)  # the root logger at WARNING, as a user's
+    caplog.handler.setLevel(logging.INFO)
+    try:
+        vivit_medmnist.set_verbosity(logging.INFO)
+        transfer_resolution(model, 64, tubelet_size=16)
+    finally:
+        root.setLevel(level)
+    assert any(r.name == "vivit_medmnist.resolution" and "resized" in r.getMessage() for r in caplog.records)
+
+
+def test_set_up_cannot_fail_silently(repo_root):
+    """The Makefile lets a failed install fail the target, and checks every import the suite needs."""
+    makefile = (repo_root / "Makefile").read_text()
+    install_lines = [line for line in makefile.splitlines() if "pip install" in line]
+    assert install_lines and not any(line.rstrip().endswith("|| true") for line in install_lines)
+    assert "-o pipefail" in makefile
+    check = next(line for line in makefile.splitlines() if 'python -c "import vivit_medmnist' in line)
+    for module in ("nibabel", "captum", "gradio", "playwright", "xdist"):
+        assert module in check, module
