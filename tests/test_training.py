@@ -22,8 +22,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForVideoClassification, TrainerState
 
-from vivit_medmnist.arguments import RESUME_LAST, ModelArguments, parse_args, parse_config_overrides
+from vivit_medmnist.arguments import RESUME_LAST, ModelArguments, parse_args
 from vivit_medmnist.augmentation import AugmentedDataset, EpochCallback, augment_volume, rotate_volume
+from vivit_medmnist.config_overrides import parse_config_overrides
 from vivit_medmnist.trainer_setup import build_model, resolve_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -274,7 +275,7 @@ def test_missing_data_offline_exits_with_the_message(tmp_path):
         (
             ["--dataset_name", "brainmnist3d"],
             1,
-            "Unknown MedMNIST 3D dataset 'brainmnist3d'; expected one of: organmnist3d",
+            "--dataset_name brainmnist3d: not a MedMNIST 3D set (organmnist3d, ",
         ),
         (["--model_name_or_path", "{tmp}"], 1, "cannot load a model"),
         (["--resume_from_checkpoint", "{tmp}/nowhere"], 1, "is not a checkpoint folder"),

@@ -21,9 +21,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -33,18 +32,13 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
-from .configuration_vivit_medmnist import VivitMedmnistConfig
+from .config_overrides import OptionError, override_items, parse_config_overrides
 from .cpu_speed import native_bf16
 
 CHECKPOINTS = "checkpoints"  # subfolder of --output_dir that holds the Trainer checkpoints (never published)
 
 
 RESUME_LAST = "last"  # what a bare --resume_from_checkpoint becomes
-
-
-class OptionError(ValueError):
-    """A value given on the command line or in a recipe that cannot mean what the user wants: the command ends
-    with exit status 2, like argparse's own usage errors (files and data that cannot be used: 1)."""
 
 
 @dataclass
@@ -311,8 +305,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RunArguments:
             "then upload the finished folder with vivit-medmnist-publish OUTPUT_DIR --repo_id ORG/NAME"
         )
     # config_overrides merge key by key: the command line's keys replace the recipe's, the recipe's others stay
-    from_recipe = _override_items(recipe_values.get("config_overrides"))
-    from_command_line = _override_items(given.config_overrides)
+    from_recipe = override_items(recipe_values.get("config_overrides"))
+    from_command_line = override_items(given.config_overrides)
     model_args.config_overrides = ",".join({**from_recipe, **from_command_line}.values()) or None
     try:
         parse_config_overrides(model_args.config_overrides)  # a malformed one is a usage error, found now
@@ -474,68 +468,3 @@ def _convert_one(action: argparse.Action, value: Any) -> Any:
     if action.choices is not None and converted not in action.choices:
         raise ValueError(f"expected one of {list(action.choices)}")
     return converted
-
-
-def _split_overrides(text: str) -> list[str]:
-    return re.split(r",(?![^\[]*\])", text)  # commas outside [...]
-
-
-def _override_items(text: str | None) -> dict[str, str]:
-    """'a=1,b=[2,3]' -> {'a': 'a=1', 'b': 'b=[2,3]'} (the text of each item by its key; checked later)."""
-    return {
-        item.partition("=")[0].strip(): item.strip() for item in _split_overrides(text or "") if item.strip()
-    }
-
-
-def parse_config_overrides(text: str | None) -> dict[str, Any]:
-    """'hidden_size=64,tubelet_size=[4,4,8],pooling=cls' -> a dict of config fields, values parsed as YAML.
-
-    Keys must be `VivitMedmnistConfig` attributes; a value is coerced to float where the default is a float (YAML
-    reads `1e-6` as a string). The config itself validates the values.
-    """
-    if not text:
-        return {}
-    defaults = VivitMedmnistConfig()
-    overrides = {}
-    for item in _split_overrides(text):
-        key, sep, raw = (part.strip() for part in item.partition("="))
-        if key == "volume_size":
-            raise OptionError(
-                "--config_overrides: volume_size comes from the data: use --size 28 or --size 64"
-            )
-        if not sep or not key or key.startswith("_") or not hasattr(defaults, key):
-            raise OptionError(
-                f"--config_overrides: {item.strip()!r} is not 'field=value' with a VivitMedmnistConfig field "
-                f"(e.g. hidden_size=64,num_hidden_layers=2,tubelet_size=4)"
-            )
-        value = yaml.safe_load(raw) if raw else raw
-        if (
-            isinstance(getattr(defaults, key), float)
-            and isinstance(value, (str, int))
-            and not isinstance(value, bool)
-        ):
-            try:
-                value = float(value)
-            except ValueError:
-                raise OptionError(f"--config_overrides: {key} must be a number, got {raw!r}") from None
-        overrides[key] = value
-    return overrides
-
-
-def same_config_value(saved: Any, value: Any) -> bool:
-    """Whether an override `value` is what the config holds (`8` is `[8, 8, 8]` for the per-axis fields)."""
-    if isinstance(value, int) and not isinstance(value, bool) and isinstance(saved, (list, tuple)):
-        value = [value] * len(saved)
-    if isinstance(saved, (list, tuple)) and isinstance(value, (list, tuple)):
-        return list(saved) == list(value)
-    return saved == value
-
-
-def format_value(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(map(str, value)) + "]"
-    return "null" if value is None else str(value)
-
-
-def format_overrides(overrides: Mapping[str, Any]) -> str:
-    return ",".join(f"{key}={format_value(value)}" for key, value in overrides.items()) or "none"

@@ -28,8 +28,9 @@ import numpy as np
 
 from . import pipeline_vivit_medmnist as pipeline_module
 from .calibration import calibrated_probabilities
+from .dataset_card import DatasetCard, describe_preprocessing
 from .explain import DEFAULT_METHOD, evidence_gallery
-from .model_card import DatasetCard, _label_names, build_model_card, describe_preprocessing
+from .model_card import _label_names, build_model_card
 from .pipeline_vivit_medmnist import CUSTOM_PIPELINES
 from .plots import (
     plot_confusion_matrix,

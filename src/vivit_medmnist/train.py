@@ -16,7 +16,8 @@ from transformers import set_seed
 from vivit_medmnist.arguments import parse_args
 from vivit_medmnist.calibration import calibrate
 from vivit_medmnist.checkpoints import set_aside
-from vivit_medmnist.model_card import data_card, hub_id, training_summary
+from vivit_medmnist.dataset_card import data_card
+from vivit_medmnist.model_card import hub_id, training_summary
 from vivit_medmnist.model_folder import save_publishable_folder, save_results
 from vivit_medmnist.safe_io import staged_files, unlock_folder
 from vivit_medmnist.trainer_setup import (

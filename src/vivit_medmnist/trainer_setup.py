@@ -27,18 +27,15 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import checkpoints, set_verbosity
-from .arguments import (
-    RESUME_LAST,
-    DataArguments,
-    ModelArguments,
+from .arguments import RESUME_LAST, DataArguments, ModelArguments, RunArguments
+from .augmentation import AugmentedDataset, EpochCallback
+from .config_overrides import (
     OptionError,
-    RunArguments,
     format_overrides,
     format_value,
     parse_config_overrides,
     same_config_value,
 )
-from .augmentation import AugmentedDataset, EpochCallback
 from .configuration_vivit_medmnist import VivitMedmnistConfig
 from .data import MedMNIST3DCollator, load_medmnist3d
 from .image_processing_vivit_medmnist import VivitMedmnistImageProcessor
@@ -308,7 +305,12 @@ def build_image_processor(model_args: ModelArguments, data_args: DataArguments):
     reference), for the user's own volumes one that resizes them to `--size` with their intensity and aspect
     options (saved with the model, so that predict.py and the pipeline repeat them)."""
     if model_args.model_name_or_path is not None:
-        return AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
+        try:
+            return AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
+        except Exception as err:  # noqa: BLE001 -- whichever library raised it: one error line
+            raise ValueError(
+                f"--model_name_or_path {model_args.model_name_or_path}: cannot load a model (its image processor): {err}"
+            ) from err
     if data_args.own_volumes():
         return VivitMedmnistImageProcessor(**data_args.preprocessing())
     return VivitMedmnistImageProcessor()

@@ -284,8 +284,13 @@ def load_volume_dataset(
             raw = datasets.load_from_disk(str(path))
         else:
             raw = datasets.load_dataset(name_or_path, cache_dir=cache_dir)
-    except Exception as err:
-        raise InputError(f"--dataset_name {name_or_path}: cannot load it as a datasets dataset ({type(err).__name__}: {err})") from err
+    except Exception as err:  # whichever library raised it: one error naming the dataset
+        from .data import dataset_names
+
+        raise InputError(
+            f"--dataset_name {name_or_path}: not a MedMNIST 3D set ({', '.join(dataset_names())}), and not a "
+            f"datasets dataset that loads ({type(err).__name__}: {err})"
+        ) from err
     if isinstance(raw, datasets.Dataset):
         raw = datasets.DatasetDict({"train": raw})
     splits = {SPLIT_NAMES[k.lower()]: v for k, v in raw.items() if k.lower() in SPLIT_NAMES}
