@@ -15,7 +15,7 @@ tubelet 1: 64 tokens), drop-path 0.1, attention dropout 0.1, 2 labels. One rando
   `evaluate.py` / `predict.py` ran it: the default SDPA, float32.
 - `after`: today's files and what `train.py` / the inference commands do now on this CPU:
   `cpu_speed.speed_up_for_cpu` (the `vivit_cpu` attention, channels-last stem), bf16 autocast where the CPU has
-  native bf16 (`cpu_speed.native_bf16()`), and `--optim`'s AdamW (the recipes' `adamw_torch`).
+  native bf16 (`cpu_speed.native_bf16()`), and `--optim`'s AdamW (the recipe's `adamw_torch_fused`).
 - `--ablation` adds today's model with each choice alone (`attention`, `channels_last`, `bf16`, `fused_adamw`)
   and `torch_compile`: `torch.compile` (default mode; compiled during warm-up) of today's model with eager
   attention (one graph, no breaks: `vivit_cpu`'s mask breaks the graph), channels-last and `after`'s bf16.
@@ -226,7 +226,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=1, help="timed steps per variant, mode and round")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--bf16", choices=["auto", "true", "false"], default="auto", help="for 'after' (default: native)")
-    parser.add_argument("--optim", default="adamw_torch", help="'after''s optimizer, as the recipe's: adamw_torch or adamw_torch_fused")
+    parser.add_argument("--optim", default="adamw_torch_fused", help="'after''s optimizer, as the recipe's (adamw_torch_fused) or adamw_torch")
     parser.add_argument("--ablation", action="store_true", help="also each choice alone, and torch.compile")
     parser.add_argument("--tiny", action="store_true", help="smoke test: batch 2, 1 round, no warm-up")
     parser.add_argument("--json", help="write the settings, the machine and every number here")

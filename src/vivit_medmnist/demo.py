@@ -28,7 +28,7 @@ import torch
 from .calibration import calibrated_probabilities
 from .cpu_speed import autocast_for, prepare_for_inference
 from .explain import DEFAULT_METHOD, METHODS, explain, heatmap_peak
-from .volume_files import InputError, load_arrays
+from .volume_files import InputError, is_nifti, load_arrays, nifti_header
 
 VIEWS = ("axial (D)", "coronal (H)", "sagittal (W)")
 DISPLAY = 256  # pixels per slice edge on the page
@@ -59,8 +59,11 @@ class VolumeModel:
             array = array[0]
         if array.ndim != 3:
             raise InputError(f"{Path(path).name}: expected a volume (D, H, W), got an array of shape {array.shape}")
+        spacing = nifti_header(Path(path))[1] if is_nifti(Path(path)) else None  # for keep_aspect_ratio
         try:
-            return self.processor(array, return_tensors="pt", do_resize=True, size=self.size)["pixel_values"]
+            return self.processor(array, return_tensors="pt", do_resize=True, size=self.size, spacing=spacing)[
+                "pixel_values"
+            ]
         except ValueError as err:
             raise InputError(f"{Path(path).name}: {err}") from err
 

@@ -307,7 +307,7 @@ def build_image_processor(model_args: ModelArguments, data_args: DataArguments):
     if model_args.model_name_or_path is not None:
         try:
             return AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
-        except Exception as err:  # noqa: BLE001 -- whichever library raised it: one error line
+        except Exception as err:
             raise ValueError(
                 f"--model_name_or_path {model_args.model_name_or_path}: cannot load a model (its image processor): {err}"
             ) from err
