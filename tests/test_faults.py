@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from test_publishing import make_folder
 from test_safety import assert_user_error, digest, folder_digests
-from test_scripts import load_script, run_script
+from test_scripts import load_script, run_in_process, run_script
 
 from vivit_medmnist.checkpoints import checkpoint_problem, complete_checkpoints, resolve_checkpoint
 from vivit_medmnist.publishing import code_files, left_out_files, publishable_files
@@ -280,7 +280,7 @@ def test_a_damaged_model_folder_is_one_error_line_in_predict_and_evaluate(tmp_pa
     evaluate = load_script("evaluate")
     for name, folder in damaged_folders(tmp_path).items():
         before = folder_digests(folder)
-        predict = run_script("predict", "--model_name_or_path", folder, volume)
+        predict = run_in_process("predict", "--model_name_or_path", folder, volume)
         assert_user_error(predict, f"cannot load a model and image processor from '{folder}'", EXPECTED[name])
         with pytest.raises(SystemExit) as exit_info:  # the same door of evaluate.py, in-process
             evaluate.main(["--model_name_or_path", str(folder), "--dataset_name", "adrenalmnist3d",

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_publishing import make_folder, tiny_model
-from test_scripts import Trap, load_script, run_script
+from test_scripts import Trap, load_script, run_in_process, run_script
 
 from vivit_medmnist import VivitMedmnistImageProcessor, VivitMedmnistModel
 from vivit_medmnist.data import load_medmnist3d
@@ -203,11 +203,11 @@ def test_check_new_output(tmp_path):
 
 def test_predict_never_writes_over_its_input(model_dir, volume_file, tmp_path):
     before = digest(volume_file)
-    proc = run_script("predict", "--model_name_or_path", model_dir, volume_file, "--output_file", volume_file)
+    proc = run_in_process("predict", "--model_name_or_path", model_dir, volume_file, "--output_file", volume_file)
     assert_user_error(proc, f"--output_file {volume_file} is an input")
     link = tmp_path / "predictions.json"
     link.symlink_to(volume_file)
-    proc = run_script("predict", "--model_name_or_path", model_dir, volume_file, "--output_file", link,
+    proc = run_in_process("predict", "--model_name_or_path", model_dir, volume_file, "--output_file", link,
                       "--overwrite_output_file")  # fmt: skip
     assert_user_error(proc, "is an input")
     assert digest(volume_file) == before
@@ -216,10 +216,10 @@ def test_predict_never_writes_over_its_input(model_dir, volume_file, tmp_path):
 def test_predict_output_file_is_replaced_only_when_asked(model_dir, volume_file, tmp_path):
     output = tmp_path / "predictions.json"
     output.write_text("mine")
-    proc = run_script("predict", "--model_name_or_path", model_dir, volume_file, "--output_file", output)
+    proc = run_in_process("predict", "--model_name_or_path", model_dir, volume_file, "--output_file", output)
     assert_user_error(proc, f"--output_file {output} already exists", "--overwrite_output_file")
     assert output.read_text() == "mine"
-    proc = run_script("predict", "--model_name_or_path", model_dir, volume_file, "--output_file", output,
+    proc = run_in_process("predict", "--model_name_or_path", model_dir, volume_file, "--output_file", output,
                       "--overwrite_output_file")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(output.read_text())[0]["file"] == str(volume_file)
@@ -228,7 +228,7 @@ def test_predict_output_file_is_replaced_only_when_asked(model_dir, volume_file,
 def test_predict_reports_an_unwritable_output_file(model_dir, volume_file, tmp_path):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("")
-    proc = run_script("predict", "--model_name_or_path", model_dir, volume_file,
+    proc = run_in_process("predict", "--model_name_or_path", model_dir, volume_file,
                       "--output_file", blocker / "predictions.json")  # fmt: skip
     assert_user_error(proc, "cannot write --output_file")
 
@@ -237,13 +237,13 @@ def test_evaluate_output_file_is_checked_before_any_work(model_dir, tmp_path):
     output = tmp_path / "metrics.json"
     output.write_text("mine")
     # no data anywhere: had it started evaluating, the error would be about the missing file
-    proc = run_script("evaluate", "--model_name_or_path", model_dir, "--dataset_name", "adrenalmnist3d",
+    proc = run_in_process("evaluate", "--model_name_or_path", model_dir, "--dataset_name", "adrenalmnist3d",
                       "--data_dir", tmp_path / "nowhere", "--output_file", output)  # fmt: skip
     assert_user_error(proc, f"--output_file {output} already exists", "--overwrite_output_file")
     assert output.read_text() == "mine"
     # a file of the model being evaluated is an input: refused even with --overwrite_output_file
     before = digest(model_dir / "config.json")
-    proc = run_script("evaluate", "--model_name_or_path", model_dir, "--dataset_name", "adrenalmnist3d",
+    proc = run_in_process("evaluate", "--model_name_or_path", model_dir, "--dataset_name", "adrenalmnist3d",
                       "--data_dir", tmp_path / "nowhere", "--output_file", model_dir / "config.json",
                       "--overwrite_output_file")  # fmt: skip
     assert_user_error(
@@ -267,7 +267,7 @@ def test_missing_tensors_are_an_error_not_new_weights(model_dir, volume_file, tm
     rewrite_weights(folder, lambda t: {k: v for k, v in t.items() if not k.startswith("classifier.")})
     with pytest.raises(OSError, match=r"missing from the checkpoint: classifier.bias, classifier.weight"):
         VivitMedmnistForVideoClassification.from_pretrained(folder)
-    proc = run_script("predict", "--model_name_or_path", folder, volume_file)
+    proc = run_in_process("predict", "--model_name_or_path", folder, volume_file)
     assert_user_error(proc, "missing from the checkpoint: classifier.bias, classifier.weight")
     assert proc.stdout == ""  # no class printed
 
@@ -311,7 +311,7 @@ def test_a_truncated_weights_file_is_named(model_dir, volume_file, tmp_path):
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(OSError, match="model.safetensors is unreadable"):
         VivitMedmnistForVideoClassification.from_pretrained(folder)
-    proc = run_script("predict", "--model_name_or_path", folder, volume_file)
+    proc = run_in_process("predict", "--model_name_or_path", folder, volume_file)
     assert_user_error(proc, f"{folder}: model.safetensors is unreadable")
 
 
@@ -326,7 +326,7 @@ def test_pickled_weights_are_never_loaded(model_dir, volume_file, tmp_path):
         VivitMedmnistForVideoClassification.from_pretrained(folder, use_safetensors=False)
     with pytest.raises(OSError, match="expected a model folder or a .safetensors file"):
         VivitMedmnistForVideoClassification.from_pretrained(folder / "pytorch_model.bin")
-    proc = run_script("predict", "--model_name_or_path", folder, volume_file)
+    proc = run_in_process("predict", "--model_name_or_path", folder, volume_file)
     assert_user_error(proc, "no file named model.safetensors")
     assert "weights_only" not in proc.stderr
     assert not marker.exists()
@@ -341,7 +341,7 @@ def test_npz_members_that_are_not_arrays(model_dir, tmp_path):
     path = tmp_path / "notes.npz"
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("notes.txt", "hello")
-    proc = run_script("predict", "--model_name_or_path", model_dir, path)
+    proc = run_in_process("predict", "--model_name_or_path", model_dir, path)
     assert_user_error(proc, f"{path}: member 'notes.txt' is not a numpy array")
 
 

@@ -44,6 +44,27 @@ def run_script(
     )
 
 
+def run_in_process(name: str, *args) -> subprocess.CompletedProcess:
+    """`scripts/<name>.py ARGS` through its `main` in this process (no interpreter start-up), as a CompletedProcess:
+    the exit status (of its SystemExit; a message given to sys.exit is printed to stderr, as Python does), and
+    what it printed. For tests of a command's logic; `run_script` tests the command line itself."""
+    import contextlib
+    import io
+
+    argv = [str(arg) for arg in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            load_script(name).main(argv)
+            status = 0
+        except SystemExit as exit_info:
+            code = exit_info.code
+            status = 0 if code is None else code if isinstance(code, int) else 1
+            if isinstance(code, str):
+                print(code, file=sys.stderr)
+    return subprocess.CompletedProcess(argv, status, out.getvalue(), err.getvalue())
+
+
 def load_script(name: str):
     """Import scripts/<name>.py as a module (for the in-process error-path tests)."""
     spec = importlib.util.spec_from_file_location(f"vivit_script_{name}", SCRIPTS / f"{name}.py")

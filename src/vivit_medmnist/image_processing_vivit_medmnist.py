@@ -224,7 +224,7 @@ class VivitMedmnistImageProcessor(BaseImageProcessor):
             if self.keep_aspect_ratio and len(set(map(tuple, spacings))) > 1:
                 volumes = torch.cat([convert(v[None], sp) for v, sp in zip(volumes, spacings)])
             else:
-                volumes = convert(volumes, spacings[0])
+                volumes = convert(volumes, spacings[0] if spacings else None)
         pixel_values = volumes[:, :, None]  # (N, D, 1, H, W): a view
         if do_normalize:
             # a new tensor: a float32 input comes through `convert` as the caller's own memory
