@@ -626,3 +626,23 @@ def test_the_weight_average_is_the_saved_model_and_resumes_from_its_checkpoint(t
         if name in expected:
             torch.testing.assert_close(value, expected[name])  # the model is the average now
             torch.testing.assert_close(resumed.average[name], expected[name])  # and resumes from it
+
+
+def test_test_time_views_are_label_safe_shifts_reported_beside_the_plain_metrics(shared_data_dir, tmp_path):
+    from test_publishing import make_folder
+    from test_scripts import run_in_process
+
+    from vivit_medmnist.augmentation import shift_volume, tta_shifts
+
+    volume = np.arange(4 * 5 * 6).reshape(4, 5, 6)
+    moved = shift_volume(volume, (1, 0, -2))
+    assert np.array_equal(moved[1:, :, :-2], volume[:-1, :, 2:]) and moved[0].max() == 0 and moved[:, :, -2:].max() == 0
+    assert tta_shifts(0) == [(0, 0, 0)] and len(set(tta_shifts(2))) == 7
+    model = tmp_path / "model"
+    make_folder(model)
+    proc = run_in_process("evaluate", "--model_name_or_path", model, "--dataset_name", "adrenalmnist3d",
+                          "--data_dir", shared_data_dir, "--split", "validation", "--tta_shift", 1,
+                          "--output_file", tmp_path / "m.json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["eval_tta_views"] == 7 and {"eval_auc", "eval_tta_auc", "eval_tta_accuracy"} <= metrics.keys()

@@ -40,15 +40,33 @@ def augment_volume(
         angles = rng.uniform(-max_rotation, max_rotation, size=3)
         out = rotate_volume(out, angles, rotation_interpolation)
     if max_shift > 0:
-        shifts = rng.integers(-max_shift, max_shift + 1, size=3)
-        padded = np.pad(out, max_shift)  # zero fill: nothing wraps around to the opposite side
-        starts = max_shift - shifts
-        out = padded[tuple(slice(s, s + n) for s, n in zip(starts, out.shape))]
+        out = shift_volume(out, rng.integers(-max_shift, max_shift + 1, size=3))
     if intensity_scale > 0 or intensity_shift > 0:
         scale = rng.uniform(1 - intensity_scale, 1 + intensity_scale)
         offset = rng.uniform(-intensity_shift, intensity_shift) * 255
         out = np.clip(np.rint(out.astype(np.float32) * scale + offset), 0, 255)
     return np.ascontiguousarray(out, dtype=np.uint8)
+
+
+def shift_volume(volume: np.ndarray, shifts) -> np.ndarray:
+    """`volume` (D, H, W) moved by `shifts` voxels along each axis, zero-filled: nothing wraps around."""
+    reach = int(max(abs(int(s)) for s in shifts))
+    if reach == 0:
+        return volume
+    padded = np.pad(volume, reach)
+    starts = [reach - int(s) for s in shifts]
+    return padded[tuple(slice(s, s + n) for s, n in zip(starts, volume.shape))]
+
+
+def tta_shifts(reach: int) -> list[tuple[int, int, int]]:
+    """The label-safe test-time views: the volume itself and its shifts by `reach` voxels along each axis, both
+    ways (7 views; `reach` 0: the volume alone)."""
+    views = [(0, 0, 0)]
+    for axis in range(3):
+        for sign in (1, -1):
+            if reach:
+                views.append(tuple(sign * reach if a == axis else 0 for a in range(3)))
+    return views
 
 
 # the options of `augment_volume` that turn an augmentation on (rotation_interpolation only says how)

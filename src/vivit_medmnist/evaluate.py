@@ -100,6 +100,13 @@ class EvaluateArguments:
     )
     validation_fraction: float = field(default=0.1, metadata={"help": "As train.py's."})
     test_fraction: float = field(default=0.1, metadata={"help": "As train.py's."})
+    tta_shift: int = field(
+        default=0,
+        metadata={
+            "help": "Also report test-time augmentation: the softmax averaged over the volume and its shifts by "
+            "this many voxels along each axis (7 views), as <prefix>_tta_* metrics beside the plain ones."
+        },
+    )
     precision: Literal["auto", "fp32", "bf16"] = field(
         default="auto",
         metadata={
@@ -202,9 +209,35 @@ def evaluate(args: EvaluateArguments) -> dict[str, float]:
         metrics = output.metrics
         if temperature := getattr(model.config, "calibration_temperature", None):  # as train.py reports them
             metrics.update(calibrated_metrics(output, temperature, prefix))
+        if args.tta_shift:  # reported beside the plain metrics, never in their place
+            metrics.update(tta_metrics(trainer, dataset, processor, args.tta_shift, prefix))
     # Timing of the Trainer's first-call model preparation: absent from train.py's results, and not a result.
     metrics.pop(f"{prefix}_model_preparation_time", None)
     return metrics
+
+
+def tta_metrics(trainer, dataset, processor, reach: int, prefix: str) -> dict[str, float]:
+    """`<prefix>_tta_*`: the metrics of the softmax averaged over the label-safe shifted views of each volume."""
+    import numpy as np
+    from scipy.special import softmax
+
+    from vivit_medmnist.augmentation import shift_volume, tta_shifts
+
+    base = trainer.data_collator
+    probabilities, labels = 0.0, None
+    views = tta_shifts(reach)
+    for shifts in views:
+        def shifted(rows, shifts=shifts):
+            return base([{**row, "volume": shift_volume(np.asarray(row["volume"]), shifts)} for row in rows])
+
+        trainer.data_collator = shifted
+        output = trainer.predict(dataset, metric_key_prefix=prefix)
+        logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+        probabilities = probabilities + softmax(np.asarray(logits, dtype=np.float64), axis=-1) / len(views)
+        labels = output.label_ids
+    trainer.data_collator = base
+    metrics = compute_metrics((np.log(np.clip(probabilities, 1e-12, None)), labels))
+    return {f"{prefix}_tta_{key}": value for key, value in metrics.items()} | {f"{prefix}_tta_views": len(views)}
 
 
 def parse_args(argv: list[str] | None = None) -> EvaluateArguments:

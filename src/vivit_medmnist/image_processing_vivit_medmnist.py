@@ -315,7 +315,7 @@ def _spacings(spacing: Any, count: int) -> list[tuple[float, float, float]]:
 def _pad_to_cube_and_resize(volumes: torch.Tensor, size: list[int], spacing) -> torch.Tensor:
     """(n, D, H, W) -> (n, *size) without distortion: scaled so that its longest physical side (shape x spacing)
     fills `size`, the other sides in proportion, then zero-padded around the centre."""
-    extent = [n * s for n, s in zip(volumes.shape[1:], spacing)]
+    extent = [n * s for n, s in zip(volumes.shape[1:], spacing or (1.0, 1.0, 1.0))]
     longest = max(e / t for e, t in zip(extent, size))
     inner = [max(1, min(t, round(e / longest))) for e, t in zip(extent, size)]
     resized = _resize(volumes, inner)
