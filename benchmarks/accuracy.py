@@ -37,6 +37,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("accuracy", "auc")
+CALIBRATION = ("test_ece", "test_calibrated_ece", "calibration_temperature")
 
 
 def train_command(args, seed: int, output_dir: Path) -> list[str]:
@@ -96,6 +97,9 @@ def load_run(run_dir: Path) -> dict[str, float]:
             row[key] = float(results[key])
     if "train_eval_loss" in results:
         row["train_eval_loss"] = float(results["train_eval_loss"])
+    for key in CALIBRATION:  # runs since issue 19: the test ECE before and after temperature scaling
+        if key in results:
+            row[key] = float(results[key])
     row.update(curve_figures(run_dir))
     return row
 
@@ -147,7 +151,9 @@ def print_report(report: dict) -> None:
         columns = ["train_eval_loss", *(f"train_eval_{metric}" for metric in METRICS), *columns]
     if "last_epoch_loss" in summary:
         columns.insert(0, "last_epoch_loss")
-    names = {"last_epoch_": "last epoch's ", "train_eval_": "train ", "eval_": "val ", "test_": "test "}
+    columns += [key for key in CALIBRATION if key in summary]
+    names = {"last_epoch_": "last epoch's ", "train_eval_": "train ", "eval_": "val ", "test_": "test ",
+             "calibration_": "calibration "}  # fmt: skip
     print("| run | " + " | ".join(_header(c, names) for c in columns) + " |")
     print("|---|" + "---:|" * len(columns))
     for name, run in report["runs"].items():

@@ -140,3 +140,17 @@ def test_models_3_and_4_need_mean_pooling_and_model_4_two_heads():
             VivitMedmnistConfig(encoder_type=encoder_type, pooling="cls")
     with pytest.raises(ValueError, match="num_attention_heads >= 2"):
         VivitMedmnistConfig(encoder_type="factorised_dot_product", hidden_size=32, num_attention_heads=1)
+
+
+@pytest.mark.parametrize("encoder_type", MODELS)
+def test_models_3_and_4_compile_to_one_graph(encoder_type):
+    """torch.compile captures the whole forward (torch._dynamo.explain: no graph break), with either attention;
+    what the compiled code then computes is checked on a GPU (tests/test_gpu.py)."""
+    import torch._dynamo
+
+    model = model_for(encoder_type)
+    for implementation in ("sdpa", "eager"):
+        model.set_attn_implementation(implementation)
+        explanation = torch._dynamo.explain(model)(pixel_values=torch.rand(2, 24, 1, 16, 16))
+        assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()

@@ -216,13 +216,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_keep_the_loss_scale(shared_data_dir, tmp_path):
+@pytest.mark.parametrize("encoder_type", ["joint", "factorised_self_attention"])
+def test_ddp_two_processes_keep_the_loss_scale(shared_data_dir, tmp_path, encoder_type):
     # Without dropout and with the same seed, 2 processes x 8 volumes see the same global batches as 1 process x
     # 16 volumes, so the logged losses and gradient norms must coincide. The loss-scaling trap (mean loss per
     # process, multiplied by the world size) doubles the loss; two processes that each train alone log
     # world_size=1.
     # float32: bf16 (the default on a CPU with native bf16) rounds the two runs' sums differently
-    common = ["--config_overrides", TINY_MODEL + ",attention_probs_dropout_prob=0", "--num_train_epochs", "1",
+    common = ["--config_overrides", f"{TINY_MODEL},attention_probs_dropout_prob=0,encoder_type={encoder_type}",
+              "--num_train_epochs", "1",
               "--eval_strategy", "epoch", "--save_strategy", "epoch", "--bf16", "false"]  # fmt: skip
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
     launch = [
