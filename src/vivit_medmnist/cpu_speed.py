@@ -134,11 +134,13 @@ def use_bf16(precision: str, device: torch.device | str) -> bool:
 
 
 def prepare_for_inference(model: nn.Module, device: torch.device | str, precision: str = "auto") -> bool:
-    """Move `model` to `device`, in eval mode, with the CPU speed choices on a CPU; return `use_bf16(...)`."""
+    """Move `model` to `device`, in eval mode, with the CPU speed choices on a CPU (the model's and the
+    allocator's); return `use_bf16(...)`."""
     device = torch.device(device)
     model.to(device).eval()
     if device.type == "cpu":
         speed_up_for_cpu(model)
+        keep_freed_memory()
     return use_bf16(precision, device)
 
 
