@@ -16,6 +16,9 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
 os.environ["OMP_NUM_THREADS"] = str(_THREADS)  # the subprocesses the tests start
 torch.set_num_threads(_THREADS)
+# Nothing in the suite may reach the Hub: without a network a lookup costs half a minute of retries. huggingface_hub
+# and datasets read this once, at import (after this file); the loopback download tests switch it off themselves.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("VIVIT_MEDMNIST_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))

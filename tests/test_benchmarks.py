@@ -134,13 +134,8 @@ def test_gpu_check_dry_run(repo_root, shared_data_dir, tmp_path):
     for name in ("fp32", "bf16"):
         run = report["training"][name]
         assert run["returncode"] == 0 and run["train_runtime_s"] > 0 and 0 <= run["test_accuracy"] <= 1, run
-    assert set(report["speed"]) == {
-        "batch_32",
-        "batch_256",
-        "batch_1024",
-        "batch_1024_bf16",
-        "volume_64_batch_32_bf16",
-    }
+    # a dry run's speed step is tiny (batch 2): one run per distinct setting (fp32, bf16, 64^3)
+    assert set(report["speed"]) == {"batch_32", "batch_1024_bf16", "volume_64_batch_32_bf16"}
     for name, run in report["speed"].items():
         assert run["returncode"] == 0, name
         assert run["results"]["ours"]["train"]["volumes_per_s"] > 0 and run["ratios"]["ours/native"]

@@ -98,6 +98,12 @@ def test_a_run_killed_at_ten_moments_resumes_to_the_same_weights(shared_data_dir
     assert any(checkpoint_problem(p) for p in (output_dir / "checkpoints").glob("checkpoint-*")), (
         "a kill in the middle of a save must leave a partial checkpoint behind"
     )
+    # The second run resumed (it did not start again): from checkpoint-2, in the middle of the first epoch of 4
+    # steps, past the damaged checkpoint-3 that the first kill left. Steps 3-7 are retrained from there, so the
+    # final bit-for-bit check also covers the restored data order, augmentation and dropout state.
+    second = attempts[1][1] + attempts[1][2]
+    assert f"resuming from {output_dir / 'checkpoints' / 'checkpoint-2'}" in second, second[-3000:]
+    assert "checkpoint-3 is damaged" in second, second[-3000:]
     for index in range(8):
         proc = start(args)
         delay = rng.uniform(0.2, duration)

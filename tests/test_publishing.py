@@ -405,3 +405,15 @@ def test_stage_for_upload_copies_exactly_the_allowed_files(published, tmp_path):
     readme = (tmp_path / "stage" / "README.md").read_text()
     assert "someone/vivit-adrenal" in readme and REPO_ID_PLACEHOLDER not in readme
     assert REPO_ID_PLACEHOLDER in (folder / "README.md").read_text()  # the original is left alone
+
+
+def test_the_cards_loading_example_runs_and_gives_calibrated_probabilities(published, capsys):
+    import ast
+    import re as regex
+
+    folder, _ = published
+    text = (folder / "README.md").read_text().replace(REPO_ID_PLACEHOLDER, str(folder))
+    code = regex.findall(r"```python\n(.*?)```", text, flags=regex.DOTALL)[0]
+    exec(compile(code, "card_example", "exec"), {})  # noqa: S102 -- the card's own example, on its own folder
+    label, probabilities = capsys.readouterr().out.strip().split(" ", 1)
+    assert label in ("normal", "hyperplasia") and abs(sum(ast.literal_eval(probabilities)) - 1) < 1e-5

@@ -223,7 +223,7 @@ def test_evaluate_bad_arguments_fail_clearly(folder, tmp_path, monkeypatch):
         (["--model_name_or_path", str(empty), "--dataset_name", "adrenalmnist3d"], "cannot load a model"),
         (
             ["--model_name_or_path", str(folder), "--dataset_name", "nosuchmnist3d"],
-            "Unknown MedMNIST 3D dataset",
+            "nosuchmnist3d: not a MedMNIST 3D set",
         ),
         (
             [
