@@ -42,3 +42,19 @@ def shared_data_dir() -> Path:
     if os.environ.get("VIVIT_MEDMNIST_REQUIRE_SHARED_DATA") == "1":
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+# Fixtures that train or build something for several tests (tens of seconds each). Under `--dist loadgroup` the tests
+# that share one are sent to the same worker, so that it is built once rather than once per worker.
+SHARED_BUILDS = {
+    "uninterrupted", "finished_run", "trained", "published", "model_dir", "synthetic", "saved", "saved_models",
+    "exported", "wheel_env", "remote_results", "folder",
+}  # fmt: skip
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist turns the markers into group names
+def pytest_collection_modifyitems(items):
+    for item in items:
+        shared = sorted(set(getattr(item, "fixturenames", ())) & SHARED_BUILDS)
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{shared[0]}"))
