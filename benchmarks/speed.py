@@ -8,6 +8,7 @@
     python benchmarks/speed.py --device cuda --batch_size 1024 --bf16   # on a GPU, under bf16 autocast
     python benchmarks/speed.py --volume_size 64     # 64^3 volumes (8^3 tubelets: 512 tokens)
     python benchmarks/speed.py --models model3 model4  # adds ViViT Models 3 and 4 (and model2)
+    python benchmarks/speed.py --stem --eager --models model2 model3 model4  # the four models with the recipe's stem
 
 What is measured, in ONE process, on the same random input (batch, 28, 1, 28, 28) float32 and labels:
 
@@ -94,13 +95,20 @@ MODELS = {
 }
 
 
+# --stem: every "ours" variant with recipes/medmnist3d.yaml's convolutional stem (64 tokens) and drop-path
+STEM = {"conv_stem_channels": [32, 64, 128], "tubelet_size": 1, "drop_path_rate": 0.1}
+OURS_OVERRIDES: dict = {}
+
+
 def build_model(variant: str, volume: int = VOLUME) -> torch.nn.Module:
     torch.manual_seed(0)
     if variant.startswith("ours"):
         from vivit_medmnist import VivitMedmnistConfig, VivitMedmnistForVideoClassification
 
         encoder_type = MODELS.get(variant.removeprefix("ours_"), "joint")
-        config = VivitMedmnistConfig(num_labels=NUM_LABELS, volume_size=volume, encoder_type=encoder_type)
+        config = VivitMedmnistConfig(
+            num_labels=NUM_LABELS, volume_size=volume, encoder_type=encoder_type, **OURS_OVERRIDES
+        )
         model = VivitMedmnistForVideoClassification(config)
         if variant == "ours_eager" or encoder_type != "joint":
             model.set_attn_implementation("eager")
@@ -292,6 +300,7 @@ def measure_memory(variants: list[str], args: argparse.Namespace) -> dict:
                 str(args.threads),
                 "--volume_size",
                 str(args.volume_size),
+                *(["--stem"] if args.stem else []),
             ]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:
@@ -365,6 +374,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--warmup", type=int, default=3, help="untimed steps per variant and mode at the start"
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument(
+        "--stem", action="store_true", help="ours with recipes/medmnist3d.yaml's conv stem and drop-path 0.1"
+    )
     parser.add_argument("--compile", action="store_true", help="add ours_compiled (torch.compile of ours)")
     parser.add_argument("--eager", action="store_true", help="add ours_eager (ours with eager attention)")
     parser.add_argument(
@@ -401,6 +413,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
+    if args.stem:
+        OURS_OVERRIDES.update(STEM)
     if args._memory_child:
         memory_child(
             *args._memory_child, args.batch_size, max(args.memory_steps, 1), args.threads, args.volume_size
@@ -427,6 +441,10 @@ def main(argv=None) -> dict | None:
         ratios["ours_eager/ours"] = {mode: ratio(results, "ours_eager", "ours", mode) for mode in MODES}
     for name in args.models:
         ratios[f"ours_{name}/native"] = {mode: ratio(results, f"ours_{name}", "native", mode) for mode in MODES}
+        if args.eager:  # against Model 1 with the same (eager) attention
+            ratios[f"ours_{name}/ours_eager"] = {
+                mode: ratio(results, f"ours_{name}", "ours_eager", mode) for mode in MODES
+            }
     if args.compile:
         ratios["ours_compiled/ours"] = {mode: ratio(results, "ours_compiled", "ours", mode) for mode in MODES}
         ratios["ours_compiled/native"] = {

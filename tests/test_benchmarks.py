@@ -238,3 +238,19 @@ def test_volume_folder_benchmark_tiny(repo_root, tmp_path):
     assert report["preprocess"]["volumes"] == 60 and report["preprocess_tenth"]["volumes"] == 6
     assert report["preprocess"]["cached_seconds"] < report["preprocess"]["seconds"]
     assert len(list((tmp_path / "volumes" / "lesion").glob("*.nii"))) == 30
+
+
+def test_speed_benchmark_compares_the_four_models_with_the_recipes_stem(repo_root):
+    # in-process: the model comparison of issue 21 (--models), with the recipe's stem (--stem), tiny
+    import runpy
+
+    speed = runpy.run_path(str(repo_root / "benchmarks" / "speed.py"), run_name="speed_benchmark")
+    report = speed["main"](
+        ["--tiny", "--memory_steps", "0", "--stem", "--eager", "--models", "model2", "model3", "model4"]
+    )
+    assert report["settings"]["stem"] is True
+    assert set(report["results"]) == {"ours", "native", "ours_eager", "ours_model2", "ours_model3", "ours_model4"}
+    for name in ("model2", "model3", "model4"):
+        for mode in ("train", "inference"):
+            assert report["ratios"][f"ours_{name}/ours_eager"][mode]["of_medians"] > 0
+    assert speed["OURS_OVERRIDES"] == speed["STEM"]  # the models built were the stem's
