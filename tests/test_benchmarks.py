@@ -220,7 +220,7 @@ def test_explanations_benchmark_tiny(repo_root, tmp_path):
     report = json.loads(out.read_text())
     assert 0 < report["chance"]["uniform_voxel"] < report["chance"]["tube_voxel"] < 1
     methods = report["options"][0]["methods"]
-    assert set(methods) == {"rollout", "integrated_gradients", "occlusion"}
+    assert set(methods) == {"rollout", "grad_cam", "integrated_gradients", "occlusion"}
     for result in methods.values():
         assert 0 <= result["pointing_game"] <= 1 and -1 <= result["spearman_trained_vs_randomised"] <= 1
         assert result["seconds_per_volume"] > 0
