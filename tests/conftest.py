@@ -58,3 +58,4 @@ def pytest_collection_modifyitems(items):
         shared = sorted(set(getattr(item, "fixturenames", ())) & SHARED_BUILDS)
         if shared:
             item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{shared[0]}"))
+

@@ -142,13 +142,15 @@ def test_models_3_and_4_need_mean_pooling_and_model_4_two_heads():
         VivitMedmnistConfig(encoder_type="factorised_dot_product", hidden_size=32, num_attention_heads=1)
 
 
-@pytest.mark.parametrize("encoder_type", MODELS)
-def test_models_3_and_4_compile_to_one_graph(encoder_type):
-    """torch.compile captures the whole forward (torch._dynamo.explain: no graph break), with either attention;
-    what the compiled code then computes is checked on a GPU (tests/test_gpu.py)."""
+@pytest.mark.parametrize("encoder_type", ("joint", *MODELS))
+def test_models_1_3_and_4_compile_to_one_graph(encoder_type):
+    """torch.compile captures the whole forward (torch._dynamo.explain: no graph break), with either attention,
+    also with the recipe's convolutional stem for Model 1; what the compiled code then computes is checked on a
+    GPU (tests/test_gpu.py)."""
     import torch._dynamo
 
-    model = model_for(encoder_type)
+    stem = {"conv_stem_channels": [8, 8, 8], "tubelet_size": 1} if encoder_type == "joint" else {}
+    model = model_for(encoder_type, **stem)
     for implementation in ("sdpa", "eager"):
         model.set_attn_implementation(implementation)
         explanation = torch._dynamo.explain(model)(pixel_values=torch.rand(2, 24, 1, 16, 16))

@@ -202,6 +202,12 @@ def _build(split_files, names, image_processor, cache_dir, num_proc, fingerprint
     return datasets.DatasetDict(splits)
 
 
+# Volumes written to the cache per Arrow record batch. datasets' default (1,000 examples) holds that many
+# preprocessed volumes in a worker before it writes them, so a worker's memory grew with the folder; a small batch
+# keeps it flat (benchmarks/README.md, volume_folder.py).
+WRITER_BATCH_SIZE = 16
+
+
 def _from_generator(files, labels, config, features, cache_dir, num_proc, split, key):
     """`Dataset.from_generator` of the preprocessed volumes; the InputError a file raised, unwrapped from
     datasets' DatasetGenerationError."""
@@ -214,6 +220,7 @@ def _from_generator(files, labels, config, features, cache_dir, num_proc, split,
             num_proc=num_proc if num_proc and num_proc > 1 and len(files) > 1 else None,
             split=datasets.NamedSplit(split),
             fingerprint=key[:32],
+            writer_batch_size=WRITER_BATCH_SIZE,
         )
     except datasets.exceptions.DatasetGenerationError as err:
         cause = err
@@ -339,6 +346,7 @@ def load_volume_dataset(
             prepare, with_indices=True, remove_columns=dataset.column_names, features=features,
             num_proc=num_proc if num_proc and num_proc > 1 else None,
             cache_file_name=str(cache / f"{key.hexdigest()[:32]}.arrow"), new_fingerprint=key.hexdigest()[:32],
+            writer_batch_size=WRITER_BATCH_SIZE,
         ).with_format("numpy")  # fmt: skip
     missing = [split for split in ("validation", "test") if split not in prepared]
     made = {}
