@@ -1,4 +1,6 @@
-"""The benchmark scripts run on a tiny setting and report sane numbers (a smoke test, not a timing test)."""
+"""The benchmark scripts run on a tiny setting and report sane numbers (a smoke test, not a timing test).
+
+Each script runs as its own process, forked from a server that has done the imports (`forked_runs.py`)."""
 
 from __future__ import annotations
 
@@ -8,16 +10,13 @@ import subprocess
 import sys
 
 import pytest
+from forked_runs import run_forked
 
 
 def test_speed_benchmark_tiny(repo_root, tmp_path):
     out = tmp_path / "speed.json"
-    done = subprocess.run(
-        [sys.executable, str(repo_root / "benchmarks" / "speed.py"), "--tiny", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+    done = run_forked(
+        [str(repo_root / "benchmarks" / "speed.py"), "--tiny", "--json", str(out)], tmp_path / "logs" / "run", timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ratio ours/native train:" in done.stdout
@@ -47,32 +46,17 @@ def test_speed_benchmark_tiny(repo_root, tmp_path):
 
 
 def test_reference_run_dry_run(repo_root, tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(repo_root / "benchmarks" / "reference_run.py"),
-            "--dry_run",
-            "--output_dir",
-            str(tmp_path / "ref"),
-        ],
-        capture_output=True,
-        text=True,
+    done = run_forked(
+        [str(repo_root / "benchmarks" / "reference_run.py"), "--dry_run", "--output_dir", str(tmp_path / "ref")],
+        tmp_path / "logs" / "run",
         timeout=60,
-        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "recipes/keras_reference.yaml" in done.stdout and "adrenalmnist3d" in done.stdout
 
 
-def run_accuracy(repo_root, *args):
-    return subprocess.run(
-        [sys.executable, str(repo_root / "benchmarks" / "accuracy.py"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-        cwd=repo_root,
-    )
+def run_accuracy(repo_root, logs, *args):
+    return run_forked([str(repo_root / "benchmarks" / "accuracy.py"), *map(str, args)], logs, timeout=900)
 
 
 def test_accuracy_benchmark_tiny(repo_root, shared_data_dir, tmp_path):
@@ -87,7 +71,7 @@ def test_accuracy_benchmark_tiny(repo_root, shared_data_dir, tmp_path):
     ]  # fmt: skip
     recipe = repo_root / "recipes" / "adrenalmnist3d.yaml"
     args = ["--recipe", recipe, "--output_root", root, "--seeds", 3, 4, "--data_dir", shared_data_dir]
-    done = run_accuracy(repo_root, *args, "--jobs", 2, "--json", tmp_path / "acc.json", *tiny)
+    done = run_accuracy(repo_root, tmp_path / "logs" / "first", *args, "--jobs", 2, "--json", tmp_path / "acc.json", *tiny)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "acc.json").read_text())
     assert list(report["runs"]) == ["seed_3", "seed_4"]
@@ -110,13 +94,13 @@ def test_accuracy_benchmark_tiny(repo_root, shared_data_dir, tmp_path):
         in done.stdout
     )
 
-    again = run_accuracy(repo_root, *args, *tiny)
+    again = run_accuracy(repo_root, tmp_path / "logs" / "again", *args, *tiny)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("not training again") == 2
 
 
 def test_accuracy_benchmark_without_runs_says_what_it_expected(repo_root, tmp_path):
-    done = run_accuracy(repo_root, "--output_root", tmp_path, "--summarize_only")
+    done = run_accuracy(repo_root, tmp_path / "logs" / "run", "--output_root", tmp_path, "--summarize_only")
     assert done.returncode != 0
     assert "expected seed_*/all_results.json" in done.stderr
 
@@ -145,12 +129,12 @@ def test_gpu_check_dry_run(repo_root, shared_data_dir, tmp_path):
 
 def test_overhead_benchmark_tiny(repo_root, shared_data_dir, tmp_path):
     out = tmp_path / "overhead.json"
-    done = subprocess.run(
-        [sys.executable, str(repo_root / "benchmarks" / "overhead.py"), "--output_dir", str(tmp_path / "run"),
+    done = run_forked(
+        [str(repo_root / "benchmarks" / "overhead.py"), "--output_dir", str(tmp_path / "run"),
          "--data_dir", str(shared_data_dir), "--json", str(out), "--", "--num_train_epochs", "1",
          "--max_train_samples", "64", "--max_eval_samples", "16", "--max_test_samples", "16",
          "--config_overrides", "hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=64"],
-        capture_output=True, text=True, timeout=600, check=False, cwd=repo_root,
+        tmp_path / "logs" / "run", timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -175,12 +159,10 @@ def test_transfer_check_scores_a_stem_model_before_and_after_scaling(repo_root, 
     )  # fmt: skip
     VivitMedmnistForVideoClassification(config).save_pretrained(tmp_path / "model")
     out = tmp_path / "transfer.json"
-    done = subprocess.run(
-        [
-            sys.executable, str(repo_root / "benchmarks" / "transfer_check.py"), "--model", str(tmp_path / "model"),
-            "--data_dir", str(shared_data_dir), "--json", str(out),
-        ],
-        capture_output=True, text=True, timeout=600, check=False,
+    done = run_forked(
+        [str(repo_root / "benchmarks" / "transfer_check.py"), "--model", str(tmp_path / "model"),
+         "--data_dir", str(shared_data_dir), "--json", str(out)],
+        tmp_path / "logs" / "run", timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
@@ -195,9 +177,9 @@ def test_transfer_check_scores_a_stem_model_before_and_after_scaling(repo_root, 
 
 def test_cpu_speed_benchmark_tiny(repo_root, tmp_path):
     out = tmp_path / "cpu_speed.json"
-    done = subprocess.run(
-        [sys.executable, str(repo_root / "benchmarks" / "cpu_speed.py"), "--tiny", "--json", str(out)],
-        capture_output=True, text=True, timeout=600, check=False, cwd=repo_root,
+    done = run_forked(
+        [str(repo_root / "benchmarks" / "cpu_speed.py"), "--tiny", "--json", str(out)],
+        tmp_path / "logs" / "run", timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -213,10 +195,10 @@ def test_cpu_speed_benchmark_tiny(repo_root, tmp_path):
 
 def test_explanations_benchmark_tiny(repo_root, tmp_path):
     out = tmp_path / "explanations.json"
-    done = subprocess.run(
-        [sys.executable, str(repo_root / "benchmarks" / "explanations.py"), "--options", "stem3", "--epochs", "1",
+    done = run_forked(
+        [str(repo_root / "benchmarks" / "explanations.py"), "--options", "stem3", "--epochs", "1",
          "--train", "32", "--val", "20", "--volumes", "2", "--random_volumes", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=900, check=False, cwd=repo_root,
+        tmp_path / "logs" / "run", timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -230,10 +212,10 @@ def test_explanations_benchmark_tiny(repo_root, tmp_path):
 
 def test_volume_folder_benchmark_tiny(repo_root, tmp_path):
     out = tmp_path / "volume_folder.json"
-    done = subprocess.run(
-        [sys.executable, str(repo_root / "benchmarks" / "volume_folder.py"), "--root", str(tmp_path / "volumes"),
+    done = run_forked(
+        [str(repo_root / "benchmarks" / "volume_folder.py"), "--root", str(tmp_path / "volumes"),
          "--count", "60", "--edge", "32", "--skip_training", "--json", str(out)],
-        capture_output=True, text=True, timeout=600, check=False, cwd=repo_root,
+        tmp_path / "logs" / "run", timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -1,7 +1,8 @@
 """Faults (issue 24): a run killed at any moment resumes to the same weights, a damaged folder or checkpoint is named,
 a second run on a folder in use is refused, and publishing uploads only what the model needs.
 
-The kill test runs `scripts/train.py` as a user does, as a subprocess; the rest calls the commands in-process.
+The kill test runs `scripts/train.py` as its own process each time (forked from a server that has done the imports,
+`forked_runs.py`) and kills it with SIGKILL; the rest calls the commands in-process.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from forked_runs import ForkedRun
 from safetensors.torch import load_file
 from test_publishing import make_folder
 from test_safety import assert_user_error, digest, folder_digests
@@ -68,18 +69,16 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def start(args: list[str], env: dict | None = None, harness: Path | None = None) -> subprocess.Popen:
-    command = [sys.executable, *([str(harness)] if harness else []), str(TRAIN), *args]
-    return subprocess.Popen(
-        command, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
+def start(args: list[str], logs: Path, env: dict | None = None, harness: Path | None = None) -> ForkedRun:
+    logs.parent.mkdir(parents=True, exist_ok=True)
+    return ForkedRun([*([str(harness)] if harness else []), str(TRAIN), *args], logs, env)
 
 
 def test_a_run_killed_at_ten_moments_resumes_to_the_same_weights(shared_data_dir, tmp_path):
     reference = tmp_path / "reference"
     began = time.perf_counter()
-    done = start(kill_run_args(shared_data_dir, reference))
+    logs = tmp_path / "logs"
+    done = start(kill_run_args(shared_data_dir, reference), logs / "reference")
     _, err = done.communicate(timeout=600)
     duration = time.perf_counter() - began
     assert done.returncode == 0, err[-3000:]
@@ -92,7 +91,7 @@ def test_a_run_killed_at_ten_moments_resumes_to_the_same_weights(shared_data_dir
     attempts = []
     # two kills in the middle of a checkpoint write, at steps 3 and 7, then eight at random moments of a run
     for where, step in (("optimizer", 3), ("state", 7)):
-        proc = start(args, env={"KILL_IN_SAVE": where, "KILL_AT_STEP": str(step)}, harness=harness)
+        proc = start(args, logs / f"in_save_{where}", {"KILL_IN_SAVE": where, "KILL_AT_STEP": str(step)}, harness)
         attempts.append((f"in save ({where}) at step {step}", *proc.communicate(timeout=600), proc.returncode))
         assert proc.returncode == -signal.SIGKILL, attempts[-1][2][-3000:]
     assert any(checkpoint_problem(p) for p in (output_dir / "checkpoints").glob("checkpoint-*")), (
@@ -105,14 +104,14 @@ def test_a_run_killed_at_ten_moments_resumes_to_the_same_weights(shared_data_dir
     assert f"resuming from {output_dir / 'checkpoints' / 'checkpoint-2'}" in second, second[-3000:]
     assert "checkpoint-3 is damaged" in second, second[-3000:]
     for index in range(8):
-        proc = start(args)
+        proc = start(args, logs / f"random_{index}")
         delay = rng.uniform(0.2, duration)
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
         attempts.append((f"random kill {index} after {delay:.1f} s", *proc.communicate(timeout=600), proc.returncode))
-    final = start(args)
+    final = start(args, logs / "final")
     attempts.append(("final", *final.communicate(timeout=600), final.returncode))
     assert final.returncode == 0, attempts[-1][2][-3000:]
 
