@@ -204,7 +204,7 @@ def test_explanations_benchmark_tiny(repo_root, tmp_path):
     report = json.loads(out.read_text())
     assert 0 < report["chance"]["uniform_voxel"] < report["chance"]["tube_voxel"] < 1
     methods = report["options"][0]["methods"]
-    assert set(methods) == {"rollout", "grad_cam", "integrated_gradients", "occlusion"}
+    assert set(methods) == {"rollout", "hires_cam", "integrated_gradients", "occlusion"}
     for result in methods.values():
         assert 0 <= result["pointing_game"] <= 1 and -1 <= result["spearman_trained_vs_randomised"] <= 1
         assert result["seconds_per_volume"] > 0
@@ -238,3 +238,18 @@ def test_speed_benchmark_compares_the_four_models_with_the_recipes_stem(repo_roo
         for mode in ("train", "inference"):
             assert report["ratios"][f"ours_{name}/ours_eager"][mode]["of_medians"] > 0
     assert speed["OURS_OVERRIDES"] == speed["STEM"]  # the models built were the stem's
+
+
+def test_explanation_choices_benchmark_tiny(repo_root, tmp_path):
+    out = tmp_path / "choices.json"
+    done = run_forked(
+        [str(repo_root / "benchmarks" / "explanation_choices.py"), "--options", "stem3", "--epochs", "1",
+         "--train", "32", "--val", "20", "--skip", "2", "--volumes", "2", "--random_volumes", "1", "--json", str(out)],
+        tmp_path / "logs" / "run", timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    forms = json.loads(out.read_text())["options"]["stem3"]["forms"]
+    # 4 baselines, and Grad-CAM's and HiResCAM's forms at the input of each of the 8 blocks
+    assert len(forms) == 4 + 2 * 8 and {"integrated_gradients_mean", "hires_cam_1", "grad_cam_7"} <= set(forms)
+    for result in forms.values():
+        assert 0 <= result["pointing_game"] <= 1 and -1 <= result["spearman_trained_vs_randomised"] <= 1

@@ -18,12 +18,18 @@ whatever the class:
   through the convolutional stem the voxels its features see), averaged where fields overlap; voxels no token
   reads (`padding="valid"`) get nothing. Needs attention maps: a model running SDPA is switched to eager
   attention for the call (and back), with a log line.
-- `"grad_cam"`: Grad-CAM (Selvaraju et al. 2017) on the token grid, at the input of the last (spatial) block, as
-  is usual for vision transformers: each token's features weighted by the target logit's gradient averaged over
-  the tokens, summed over the features, the positive part; mapped to voxels like rollout. One forward and one
-  backward pass; no extra dependency.
+- `"hires_cam"`: HiResCAM (Draelos & Carin 2020), the Grad-CAM (Selvaraju et al. 2017) variant that multiplies
+  each token's features by the target logit's gradient element-wise (Grad-CAM first averages the gradient over
+  the tokens), summed over the features, the positive part; on the tokens leaving the first block, mapped to
+  voxels like rollout. One forward and one backward pass; no extra dependency. Why this form and this layer:
+  Grad-CAM at the input of the last block, the usual choice for vision transformers, never pointed at the
+  synthetic bulge on the reference model (its tokens there have been mixed by seven blocks of attention); the
+  layers and both forms were compared on volumes the benchmark does not use (`benchmarks/explanation_choices.py`).
 - `"integrated_gradients"`: captum's `IntegratedGradients` of the target logit with respect to the voxels, from
-  an all-zero volume (`steps` steps); the positive part.
+  a baseline volume holding the volume's mean everywhere (`steps` steps); the positive part. Not from an all-zero
+  volume: integrated gradients multiplies by (input - baseline), so from zero every background voxel of a
+  masked or air-filled volume gets exactly nothing whatever the model, and the maps of a randomly initialised
+  model kept the object's shape (they failed the randomisation test, `benchmarks/README.md`).
 - `"occlusion"`: captum's `Occlusion`: the drop of the target class's probability when a cube of voxels is set
   to zero, averaged over the cube positions that cover each voxel; the positive part. Model-agnostic: the
   reference the others are measured against.
@@ -60,7 +66,7 @@ __all__ = [
     "tokens_to_voxels",
 ]
 
-METHODS = ("rollout", "grad_cam", "integrated_gradients", "occlusion")
+METHODS = ("rollout", "hires_cam", "integrated_gradients", "occlusion")
 DEFAULT_METHOD = "occlusion"  # the best localisation on the synthetic diagnostic, see the module docstring
 
 
@@ -93,8 +99,8 @@ def explain(
         targets = _targets(model, pixel_values, target, batch_size)
         if method == "rollout":  # class-agnostic: what the pooled output reads
             maps = _rollout(model, pixel_values)
-        elif method == "grad_cam":
-            maps = _grad_cam(model, pixel_values, targets, batch_size)
+        elif method == "hires_cam":
+            maps = _hires_cam(model, pixel_values, targets, batch_size)
         elif method == "integrated_gradients":
             maps = _integrated_gradients(model, pixel_values, targets, steps, batch_size)
         else:
@@ -241,7 +247,10 @@ def _rollout(model, pixel_values) -> np.ndarray:
     return tokens_to_voxels(relevance, config, size).cpu().numpy()
 
 
-def _grad_cam(model, pixel_values, targets, batch_size: int) -> np.ndarray:
+HIRES_CAM_LAYER = 1  # hidden_states[1]: the tokens leaving the first block (the embeddings for a 0-block model)
+
+
+def _hires_cam(model, pixel_values, targets, batch_size: int) -> np.ndarray:
     config = model.config
     size = _volume_size(pixel_values)
     grid = config.grid_size_for(size)
@@ -251,13 +260,12 @@ def _grad_cam(model, pixel_values, targets, batch_size: int) -> np.ndarray:
             outputs = model(
                 pixel_values=chunk, output_hidden_states=True, interpolate_pos_encoding=_any_size(model, pixel_values)
             )
-            # the input of the last block (of the spatial ones, for the factorised encoder): the embeddings for a
-            # one-block model; (volumes, tokens, hidden), or (volumes * slabs, tokens per slab, hidden)
-            tokens = outputs.hidden_states[config.num_hidden_layers - 1]
+            # (volumes, tokens, hidden), or (volumes * slabs, tokens per slab, hidden) for the factorised encoder,
+            # whose first hidden states are its spatial blocks'
+            tokens = outputs.hidden_states[min(HIRES_CAM_LAYER, config.num_hidden_layers)]
             score = outputs.logits.float().gather(1, chunk_targets[:, None]).sum()
             (gradients,) = torch.autograd.grad(score, tokens)
-        weights = gradients.float().mean(1, keepdim=True)  # per feature, over the tokens of the sequence
-        cam = (weights * tokens.detach().float()).sum(-1).clamp(min=0)
+        cam = (gradients.float() * tokens.detach().float()).sum(-1).clamp(min=0)
         cam = cam.reshape(chunk.shape[0], -1)
         if cam.shape[1] == int(np.prod(grid)) + 1:  # the CLS token holds no place in the volume
             cam = cam[:, 1:]
@@ -293,10 +301,11 @@ def _integrated_gradients(model, pixel_values, targets, steps: int, batch_size: 
     method = _captum().IntegratedGradients(_Logits(model, probabilities=False))
     maps = []
     for volume, target in zip(pixel_values, targets):
+        volume = volume[None]
+        baseline = torch.full_like(volume, float(volume.mean()))  # not zeros: see the module docstring
         attribution = method.attribute(
-            volume[None], baselines=torch.zeros_like(volume[None]), target=int(target), n_steps=steps,
-            internal_batch_size=batch_size,
-        )  # fmt: skip
+            volume, baselines=baseline, target=int(target), n_steps=steps, internal_batch_size=batch_size
+        )
         maps.append(attribution[0, :, 0].detach().float().cpu().numpy())
     return np.stack(maps)
 
