@@ -14,6 +14,7 @@ from vivit_medmnist import VivitMedmnistConfig, VivitMedmnistForVideoClassificat
 from vivit_medmnist.calibration import (
     brier_score,
     calibrated_probabilities,
+    ece_of_a_calibrated_model,
     expected_calibration_error,
     fit_temperature,
     reliability_bins,
@@ -179,6 +180,22 @@ def test_temperature_scaling_fixes_an_over_confident_model():
     after = expected_calibration_error(calibrated_probabilities(over_confident, temperature), sampled)
     assert after < 0.03 < before
     assert (calibrated_probabilities(over_confident, temperature).argmax(-1) == over_confident.argmax(-1)).all()
+
+
+def test_the_ece_of_a_calibrated_model_is_sampling_noise_that_shrinks_with_the_set():
+    confidence = np.random.default_rng(1).uniform(0.5, 1.0, 400)
+    probabilities = np.stack([confidence, 1 - confidence], axis=-1)
+    # one draw by hand with the same generator: expected_calibration_error of the simulated set
+    rng = np.random.default_rng(7)
+    drawn = rng.choice(confidence, size=50, replace=True)
+    correct = rng.random(50) < drawn
+    by_hand = expected_calibration_error(np.stack([drawn, 1 - drawn], -1), np.where(correct, 0, 1))
+    one = ece_of_a_calibrated_model(probabilities, 50, draws=1, seed=7)
+    assert one["mean"] == pytest.approx(by_hand) and one["p5"] == one["p95"] == one["mean"]
+    small, large = ece_of_a_calibrated_model(probabilities, 300), ece_of_a_calibrated_model(probabilities, 30000, 50)
+    assert 0.03 < small["p5"] < small["mean"] < small["p95"] and large["mean"] < 0.01
+    certain = np.tile([1.0, 0.0], (10, 1))  # always right with confidence 1: no noise at all
+    assert ece_of_a_calibrated_model(certain, 100, draws=20)["p95"] == 0.0
 
 
 def test_metrics_report_ece_and_brier():

@@ -116,6 +116,19 @@ def trained(shared_data_dir, tmp_path_factory) -> Path:
     return out
 
 
+def test_calibration_floor_reads_validation_and_the_recorded_test_ece(trained, shared_data_dir, tmp_path):
+    import runpy
+
+    script = runpy.run_path(str(REPO_ROOT / "benchmarks" / "calibration_floor.py"), run_name="calibration_floor")
+    report = script["main"](["--models", str(trained), "--data_dir", str(shared_data_dir), "--draws", "20"])
+    row = report["models"][str(trained)]
+    recorded = json.loads((trained / "test_results.json").read_text())
+    assert row["test_volumes"] == 298 and row["recorded_test_ece_raw"] == recorded["test_ece"]
+    assert row["temperature"] == json.loads((trained / "config.json").read_text())["calibration_temperature"]
+    for name in ("raw", "scaled"):
+        assert 0 <= row[f"floor_{name}"]["p5"] <= row[f"floor_{name}"]["mean"] <= row[f"floor_{name}"]["p95"] < 1
+
+
 def test_evaluate_reproduces_the_training_runs_test_results(trained, shared_data_dir, tmp_path):
     expected = json.loads((trained / "test_results.json").read_text())
     assert {"test_accuracy", "test_auc", "test_loss"} <= set(expected)

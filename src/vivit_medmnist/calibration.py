@@ -26,6 +26,7 @@ __all__ = [
     "calibrate",
     "calibrated_metrics",
     "calibrated_probabilities",
+    "ece_of_a_calibrated_model",
     "expected_calibration_error",
     "fit_temperature",
     "reliability_bins",
@@ -38,6 +39,12 @@ def _labels(labels) -> np.ndarray:
     return np.asarray(labels).reshape(-1).astype(np.int64)
 
 
+def _bin_index(confidence: np.ndarray, bins: int) -> np.ndarray:
+    """Bin i holds confidences in (i / bins, (i + 1) / bins]; a confidence of exactly 0 goes to the first bin."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    return np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+
+
 def reliability_bins(probabilities: np.ndarray, labels, bins: int = ECE_BINS) -> list[dict]:
     """The top-class confidence cut into `bins` equal-width bins of (0, 1]: per bin its range, the number of
     volumes, their mean confidence and their accuracy (None for an empty bin)."""
@@ -45,8 +52,7 @@ def reliability_bins(probabilities: np.ndarray, labels, bins: int = ECE_BINS) ->
     confidence = probabilities.max(-1)
     correct = probabilities.argmax(-1) == labels
     edges = np.linspace(0.0, 1.0, bins + 1)
-    # bin i holds confidences in (edges[i], edges[i + 1]]; a confidence of exactly 0 goes to the first bin
-    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    index = _bin_index(confidence, bins)
     out = []
     for i in range(bins):
         members = index == i
@@ -71,6 +77,32 @@ def expected_calibration_error(probabilities: np.ndarray, labels, bins: int = EC
     if total == 0:
         return float("nan")
     return float(sum(row["count"] * abs(row["accuracy"] - row["confidence"]) for row in table if row["count"]) / total)
+
+
+def ece_of_a_calibrated_model(
+    probabilities: np.ndarray, volumes: int, draws: int = 2000, bins: int = ECE_BINS, seed: int = 0
+) -> dict[str, float]:
+    """The ECE that a perfectly calibrated model would show on `volumes` volumes, whose top-class confidences are
+    drawn (with replacement) from those of `probabilities` (N, classes): each volume is classified correctly with
+    probability equal to its confidence, so any ECE measured is sampling noise. Returns the mean and the 5th and
+    95th percentiles over `draws` simulated sets. An ECE measured on a set of that size is only evidence of
+    miscalibration where it lies well above this."""
+    confidence = np.asarray(probabilities, dtype=np.float64).max(-1)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(draws):
+        drawn = rng.choice(confidence, size=volumes, replace=True)
+        correct = rng.random(volumes) < drawn
+        index = _bin_index(drawn, bins)  # the bins of expected_calibration_error
+        count = np.bincount(index, minlength=bins)
+        gap = np.bincount(index, weights=correct - drawn, minlength=bins)  # per bin: count * (accuracy - confidence)
+        values.append(float(np.abs(gap).sum() / count.sum()))
+    values = np.asarray(values)
+    return {
+        "mean": float(values.mean()),
+        "p5": float(np.percentile(values, 5)),
+        "p95": float(np.percentile(values, 95)),
+    }
 
 
 def brier_score(probabilities: np.ndarray, labels) -> float:
