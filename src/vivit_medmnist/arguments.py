@@ -195,6 +195,17 @@ class DataArguments:
     intensity_shift: float = field(
         default=0.0, metadata={"help": "Add an offset drawn from [-o, o] times 255 to the intensities."}
     )
+    mixup_alpha: float = field(
+        default=0.0,
+        metadata={"help": "Mixup of training volumes and labels with weights ~ Beta(a, a); 0: off (vivit_medmnist.mixing)."},
+    )
+    cutmix_alpha: float = field(
+        default=0.0,
+        metadata={"help": "Cutmix in 3D (a box of another training volume pasted in) with Beta(a, a); 0: off."},
+    )
+    mix_prob: float = field(
+        default=1.0, metadata={"help": "With mixup or cutmix on: the probability that a training volume is mixed."}
+    )
 
     def own_volumes(self) -> bool:
         """Whether the data are the user's (a folder or a datasets dataset), not a MedMNIST file."""
@@ -211,6 +222,12 @@ class DataArguments:
             "percentile_window": self.percentile_window,
             "keep_aspect_ratio": self.keep_aspect_ratio,
         }
+
+    def mixing(self) -> dict[str, Any]:
+        """The keyword arguments of `mixing.mix_volumes` ({}: no mixing)."""
+        from .mixing import mixing_options
+
+        return mixing_options(self.mixup_alpha, self.cutmix_alpha, self.mix_prob)
 
     def augmentation(self) -> dict[str, Any]:
         """The keyword arguments of `augment_volume`."""
@@ -357,6 +374,9 @@ def _invalid_option(data: DataArguments, training: TrainingArguments) -> str | N
         "max_rotation": (0, 180, True),
         "intensity_scale": (0, 1, False),
         "intensity_shift": (0, 1, True),
+        "mixup_alpha": (0, float("inf"), False),
+        "cutmix_alpha": (0, float("inf"), False),
+        "mix_prob": (0, 1, True),
     }
     for name, (low, high, closed) in ranges.items():
         value = getattr(data, name)

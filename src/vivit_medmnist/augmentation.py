@@ -1,4 +1,5 @@
-"""Training-time augmentation of uint8 volumes: flips, rotations, shifts and intensity jitter.
+"""Training-time augmentation of uint8 volumes: flips, rotations, shifts and intensity jitter (and the mixing of
+`mixing.py`, applied by `AugmentedDataset`).
 
 Augmentation is seeded by (seed, epoch, volume index), never by a global RNG, so a run resumed from a checkpoint
 (even one saved mid-epoch) sees exactly the volumes the uninterrupted run saw.
@@ -16,6 +17,7 @@ from scipy.spatial.transform import Rotation
 from transformers import TrainerCallback
 
 from .data import VOLUME_COLUMN
+from .mixing import mix_volumes
 
 
 def augment_volume(
@@ -110,7 +112,7 @@ class AugmentedDataset(torch.utils.data.Dataset):
     (benchmarks/README.md, overhead.py). With no augmentation on, a row's volume is a view of that array.
     """
 
-    def __init__(self, dataset, seed: int, **augmentation):
+    def __init__(self, dataset, seed: int, mixing: dict | None = None, num_labels: int | None = None, **augmentation):
         if hasattr(dataset, "with_format"):  # a datasets.Dataset: one read of each column
             columns = dataset.with_format("numpy", dtype=np.uint8)[:]
             self.volumes, self.labels = columns[VOLUME_COLUMN], columns["label"].astype(np.int64)
@@ -118,6 +120,9 @@ class AugmentedDataset(torch.utils.data.Dataset):
             self.volumes = np.stack([np.asarray(row[VOLUME_COLUMN], dtype=np.uint8) for row in dataset])
             self.labels = np.asarray([row["label"] for row in dataset], dtype=np.int64)
         self.seed = seed
+        # `mixing.mix_volumes`'s options: labels become class weights over `num_labels` classes
+        self.mixing = mixing or {}
+        self.num_labels = num_labels or (int(self.labels.max()) + 1 if len(self.labels) else 0)
         self.augmentation = augmentation
         self.augments = any(augmentation.get(key) for key in AUGMENTATIONS)
         self.epoch = 0
@@ -130,11 +135,24 @@ class AugmentedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
+        volume = self._augmented(index)
+        if not self.mixing:
+            return {VOLUME_COLUMN: volume, "label": self.labels[index]}
+        # its own generator: the augmentation draws what it drew without mixing
+        rng = np.random.default_rng([self.seed, self.epoch, index, 1])
+        partner = int(rng.integers(len(self)))
+        volume, lam = mix_volumes(volume, self._augmented(partner), rng, **self.mixing)
+        weights = np.zeros(self.num_labels, dtype=np.float32)
+        weights[self.labels[index]] += lam
+        weights[self.labels[partner]] += 1.0 - lam
+        return {VOLUME_COLUMN: volume, "label": weights}
+
+    def _augmented(self, index: int) -> np.ndarray:
         volume = self.volumes[index]
         if self.augments:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             volume = augment_volume(volume, rng, **self.augmentation)
-        return {VOLUME_COLUMN: volume, "label": self.labels[index]}
+        return volume
 
 
 class EpochCallback(TrainerCallback):

@@ -420,7 +420,8 @@ def _arrow_table(images: np.ndarray, labels: np.ndarray, features: datasets.Feat
 class MedMNIST3DCollator:
     """Turn dataset rows into a batch for `VivitMedmnistForVolumeClassification`.
 
-    Returns `{"pixel_values": float32 (B, D, 1, H, W) scaled to [0, 1], "labels": int64 (B,)}`. Preprocessing
+    Returns `{"pixel_values": float32 (B, D, 1, H, W) scaled to [0, 1], "labels": int64 (B,)}` (float32
+    (B, classes) where the rows' labels are class weights, as mixed training volumes have). Preprocessing
     is done by `image_processor` (a default `VivitMedmnistImageProcessor` if None), so that training and
     inference share one definition of it. Rows need "volume" (integer volumes with values 0..255, as numpy
     arrays, tensors or nested lists) and "label" (or "labels"); other keys are ignored.
@@ -449,9 +450,11 @@ class MedMNIST3DCollator:
                     f"[{volumes.min()}, {volumes.max()}]."
                 )
             volumes = volumes.astype(np.uint8)
-        labels = [row["label"] if "label" in row else row["labels"] for row in rows]
+        labels = np.asarray([row["label"] if "label" in row else row["labels"] for row in rows])
         batch = self.image_processor(volumes, return_tensors="pt")
+        if labels.ndim == 2:  # class weights of mixed volumes (vivit_medmnist.mixing): float (B, classes)
+            return {"pixel_values": batch["pixel_values"], "labels": torch.as_tensor(labels, dtype=torch.float32)}
         return {
             "pixel_values": batch["pixel_values"],
-            "labels": torch.as_tensor(np.asarray(labels).reshape(len(rows)), dtype=torch.long),
+            "labels": torch.as_tensor(labels.reshape(len(rows)), dtype=torch.long),
         }

@@ -40,6 +40,7 @@ from .configuration_vivit_medmnist import VivitMedmnistConfig
 from .data import MedMNIST3DCollator, load_medmnist3d
 from .image_processing_vivit_medmnist import VivitMedmnistImageProcessor
 from .metrics import compute_metrics
+from .mixing import soft_target_loss
 from .modeling_vivit_medmnist import VivitMedmnistForVideoClassification
 from .publishing import publishable_files
 from .resolution import transfer_resolution
@@ -319,9 +320,13 @@ def build_image_processor(model_args: ModelArguments, data_args: DataArguments):
 def build_trainer(
     model, image_processor, data: datasets.DatasetDict, run: RunArguments, checkpoint: str | None = None
 ) -> Trainer:
-    """The Trainer of a run: augmented training data, the collator, MedMNIST's metrics, and the callbacks (the
-    epoch for the augmentation; the weight average with `--weight_average_decay`, resumed from `checkpoint`)."""
-    train = AugmentedDataset(data["train"], seed=run.training.seed, **run.data.augmentation())
+    """The Trainer of a run: augmented (and with `--mixup_alpha` / `--cutmix_alpha` mixed) training data, the
+    collator, MedMNIST's metrics, and the callbacks (the epoch for the augmentation; the weight average with
+    `--weight_average_decay`, resumed from `checkpoint`)."""
+    mixing = run.data.mixing()
+    train = AugmentedDataset(
+        data["train"], run.training.seed, mixing, model.config.num_labels, **run.data.augmentation()
+    )
     callbacks = [EpochCallback(train)]
     if run.weight_average_decay:
         callbacks.append(WeightAverage(run.weight_average_decay, checkpoint))
@@ -337,6 +342,8 @@ def build_trainer(
         processing_class=image_processor,
         compute_metrics=compute_metrics,
         callbacks=callbacks,
+        # mixed volumes carry class weights, not a class: a loss for both (with the same label smoothing)
+        compute_loss_func=soft_target_loss(run.training.label_smoothing_factor) if mixing else None,
     )
 
 
