@@ -97,6 +97,8 @@ def test_a_run_trains_with_mixup_and_cutmix(shared_data_dir, tmp_path):
     train = json.loads((out / "train_results.json").read_text())
     assert np.isfinite(train["train_loss"]) and train["train_loss"] > 0
     assert (out / "model.safetensors").is_file()
+    card = (out / "README.md").read_text()
+    assert "mixup_alpha" in card and "cutmix_alpha" in card  # the card lists the mixing with the augmentation
     assert 0 <= json.loads((out / "eval_results.json").read_text())["eval_accuracy"] <= 1
     bad = run_in_process("train", "--dataset_name", "adrenalmnist3d", "--data_dir", shared_data_dir,
                          "--output_dir", tmp_path / "bad", "--mix_prob", 1.5)  # fmt: skip

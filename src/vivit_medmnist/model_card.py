@@ -383,6 +383,7 @@ def training_summary(
     augmentation = {k: v for k, v in run.data.augmentation().items() if v}
     if not run.data.max_rotation:
         augmentation.pop("rotation_interpolation")
+    augmentation.update({k: v for k, v in run.data.mixing().items() if v})  # mixup / cutmix, when on
     # the precision that ran: `accelerate launch --mixed_precision bf16` sets it without --bf16
     mixed = trainer.accelerator.mixed_precision
     precision = mixed if mixed in ("bf16", "fp16", "fp8") else "fp32"
