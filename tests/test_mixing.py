@@ -83,6 +83,9 @@ def test_mixed_training_rows_are_reproducible_weights_and_collate_as_float_label
     batch = MedMNIST3DCollator()([mixed[i] for i in range(4)])
     assert batch["labels"].dtype == torch.float32 and batch["labels"].shape == (4, 4)
     assert MedMNIST3DCollator()(before[:4])["labels"].dtype == torch.long
+    # MedMNIST's own (N, 1) integer labels stay class indices
+    as_in_the_npz = [{"volume": row["volume"], "label": np.array([row["label"]])} for row in before[:4]]
+    assert MedMNIST3DCollator()(as_in_the_npz)["labels"].tolist() == [0, 1, 2, 0]
 
 
 def test_a_run_trains_with_mixup_and_cutmix(shared_data_dir, tmp_path):

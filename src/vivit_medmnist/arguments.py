@@ -197,7 +197,9 @@ class DataArguments:
     )
     mixup_alpha: float = field(
         default=0.0,
-        metadata={"help": "Mixup of training volumes and labels with weights ~ Beta(a, a); 0: off (vivit_medmnist.mixing)."},
+        metadata={
+            "help": "Mixup of training volumes and labels with weights ~ Beta(a, a); 0: off (vivit_medmnist.mixing)."
+        },
     )
     cutmix_alpha: float = field(
         default=0.0,

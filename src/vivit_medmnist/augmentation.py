@@ -112,7 +112,9 @@ class AugmentedDataset(torch.utils.data.Dataset):
     (benchmarks/README.md, overhead.py). With no augmentation on, a row's volume is a view of that array.
     """
 
-    def __init__(self, dataset, seed: int, mixing: dict | None = None, num_labels: int | None = None, **augmentation):
+    def __init__(
+        self, dataset, seed: int, mixing: dict | None = None, num_labels: int | None = None, **augmentation
+    ):
         if hasattr(dataset, "with_format"):  # a datasets.Dataset: one read of each column
             columns = dataset.with_format("numpy", dtype=np.uint8)[:]
             self.volumes, self.labels = columns[VOLUME_COLUMN], columns["label"].astype(np.int64)

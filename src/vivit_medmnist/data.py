@@ -452,7 +452,7 @@ class MedMNIST3DCollator:
             volumes = volumes.astype(np.uint8)
         labels = np.asarray([row["label"] if "label" in row else row["labels"] for row in rows])
         batch = self.image_processor(volumes, return_tensors="pt")
-        if labels.ndim == 2:  # class weights of mixed volumes (vivit_medmnist.mixing): float (B, classes)
+        if labels.ndim == 2 and np.issubdtype(labels.dtype, np.floating):  # class weights (vivit_medmnist.mixing)
             return {"pixel_values": batch["pixel_values"], "labels": torch.as_tensor(labels, dtype=torch.float32)}
         return {
             "pixel_values": batch["pixel_values"],
