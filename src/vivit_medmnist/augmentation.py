@@ -101,7 +101,9 @@ def rotate_volume(volume: np.ndarray, angles: Sequence[float], interpolation: st
 
 
 class AugmentedDataset(torch.utils.data.Dataset):
-    """A dataset whose item i in epoch e is row i augmented with `np.random.default_rng([seed, e, i])`.
+    """A dataset whose item i in epoch e is row i augmented with `np.random.default_rng([seed, e, i])` (and, with
+    `mixing`, mixed with an augmented partner row as `default_rng([seed, e, i, 1])` draws it: `vivit_medmnist.mixing`;
+    its label is then a vector of `num_labels` class weights).
 
     Being a function of (seed, epoch, index) only, the augmentation does not depend on which process reads the row,
     on data-loader workers, or on whether the run was resumed. `set_epoch` is called by `EpochCallback` (accelerate's
