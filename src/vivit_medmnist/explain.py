@@ -23,8 +23,9 @@ whatever the class:
   the tokens), summed over the features, the positive part; on the tokens leaving the first block, mapped to
   voxels like rollout. One forward and one backward pass; no extra dependency. Why this form and this layer:
   Grad-CAM at the input of the last block, the usual choice for vision transformers, never pointed at the
-  synthetic bulge on the reference model (its tokens there have been mixed by seven blocks of attention); the
-  layers and both forms were compared on volumes the benchmark does not use (`benchmarks/explanation_choices.py`).
+  synthetic bulge on the reference model (a likely reason: its tokens there have passed seven blocks of
+  attention, which mix them); the layers and both forms were compared on volumes the benchmark does not use
+  (`benchmarks/explanation_choices.py`).
 - `"integrated_gradients"`: captum's `IntegratedGradients` of the target logit with respect to the voxels, from
   a baseline volume holding the volume's mean everywhere (`steps` steps); the positive part. Not from an all-zero
   volume: integrated gradients multiplies by (input - baseline), so from zero every background voxel of a
