@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +34,9 @@ import torch
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from explanations import SPEARMAN_PASS, pointing, randomisation
-from synthetic import OPTIONS, make_tubes, train_option
+from explanations import add_arguments, score, synthetic_data, trained_and_random
 
-from vivit_medmnist import VivitMedmnistForVideoClassification
 from vivit_medmnist import explain as explain_module
-from vivit_medmnist.cpu_speed import speed_up_for_cpu
 
 BASELINES = {
     "zeros": torch.zeros_like,
@@ -89,54 +85,21 @@ def candidates(layers: int) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--options", nargs="+", default=["reference", "stem3"], choices=list(OPTIONS))
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--train", type=int, default=1500)
-    parser.add_argument("--val", type=int, default=500)
+    add_arguments(parser)
     parser.add_argument("--skip", type=int, default=40, help="the bulging volumes explanations.py explains")
-    parser.add_argument("--volumes", type=int, default=40)
-    parser.add_argument("--random_volumes", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json")
     args = parser.parse_args(argv)
 
-    train_x, train_y = make_tubes(args.train, seed=1)
-    val_x, val_y, val_bulges = make_tubes(args.val, seed=2, with_bulges=True)
-    data = (
-        (torch.from_numpy(train_x).unsqueeze(2), torch.from_numpy(train_y)),
-        (torch.from_numpy(val_x).unsqueeze(2), torch.from_numpy(val_y)),
-    )
+    data, val_x, val_y, val_bulges = synthetic_data(args)
     chosen = np.flatnonzero(val_y == 1)[args.skip : args.skip + args.volumes]
     volumes, bulges = val_x[chosen], val_bulges[chosen]
-    pixel_values = torch.from_numpy(volumes).float().div_(255).unsqueeze(2)
     n_random = min(args.random_volumes, len(volumes))
     report = {"settings": vars(args), "threads": torch.get_num_threads(), "options": {}}
     for name in args.options:
-        result, model = train_option(name, OPTIONS[name], data, args.epochs, args.seed, return_model=True)
-        print(f"{name}: trained, val AUC {result['val_auc']:.3f}", flush=True)
-        torch.manual_seed(args.seed + 1000)  # as explanations.py draws its randomised model
-        random_model = VivitMedmnistForVideoClassification(model.config).eval()
-        speed_up_for_cpu(random_model)
+        result, model, random_model = trained_and_random(name, data, args)
         rows = report["options"][name] = {"val_auc": result["val_auc"], "forms": {}}
         for form, (function, *extra) in candidates(model.config.num_hidden_layers).items():
-            start = time.perf_counter()
-            maps = np.clip(function(model, pixel_values, *extra), 0, None)
-            seconds = (time.perf_counter() - start) / len(volumes)
-            random_maps = np.clip(function(random_model, pixel_values[:n_random], *extra), 0, None)
-            score = float(np.mean(pointing(maps, bulges)))
-            random_score = float(np.mean(pointing(random_maps, bulges[:n_random])))
-            rho = float(np.mean(randomisation(maps[:n_random], random_maps, volumes[:n_random])))
-            passed = rho < SPEARMAN_PASS and random_score < score
-            rows["forms"][form] = {
-                "pointing_game": score, "pointing_game_randomised_model": random_score,
-                "spearman_trained_vs_randomised": rho, "randomisation_test_passed": passed,
-                "seconds_per_volume": seconds,
-            }  # fmt: skip
-            print(
-                f"  {form:30s} pointing {score:.3f} (randomised {random_score:.3f}) spearman {rho:.3f} "
-                f"{'pass' if passed else 'FAIL'} {seconds:.2f} s/volume",
-                flush=True,
-            )
+            explainer = lambda m, x, function=function, extra=extra: function(m, x, *extra)
+            rows["forms"][form] = score(explainer, model, random_model, volumes, bulges, n_random, form)
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2))
     return report

@@ -69,42 +69,8 @@ def randomisation(trained: np.ndarray, randomised: np.ndarray, volumes: np.ndarr
     return out
 
 
-def run_option(name: str, data, positives, args) -> dict:
-    result, model = train_option(name, OPTIONS[name], data, args.epochs, args.seed, return_model=True)
-    print(f"{name}: trained, val AUC {result['val_auc']:.3f} ({result['s_per_epoch']:.1f} s/epoch)", flush=True)
-    volumes, bulges = positives
-    pixel_values = torch.from_numpy(volumes).float().div_(255).unsqueeze(2)
-    torch.manual_seed(args.seed + 1000)
-    random_model = VivitMedmnistForVideoClassification(model.config).eval()  # fresh weights, same architecture
-    speed_up_for_cpu(random_model)
-    report = {"option": name, "training": result, "methods": {}}
-    n_random = min(args.random_volumes, len(volumes))
-    for method in METHODS:
-        start = time.perf_counter()
-        maps = explain(model, pixel_values, method, target=1)
-        seconds = (time.perf_counter() - start) / len(volumes)
-        random_maps = explain(random_model, pixel_values[:n_random], method, target=1)
-        hits, random_hits = pointing(maps, bulges), pointing(random_maps, bulges[:n_random])
-        rho = randomisation(maps[:n_random], random_maps, volumes[:n_random])
-        score, random_score = float(np.mean(hits)), float(np.mean(random_hits))
-        report["methods"][method] = {
-            "pointing_game": score,
-            "pointing_game_randomised_model": random_score,
-            "spearman_trained_vs_randomised": float(np.mean(rho)),
-            "randomisation_test_passed": bool(np.mean(rho) < SPEARMAN_PASS and random_score < score),
-            "seconds_per_volume": seconds,
-        }
-        row = report["methods"][method]
-        print(
-            f"  {method:22s} pointing {score:.3f} (randomised {random_score:.3f}) spearman {row['spearman_trained_vs_randomised']:.3f} "
-            f"{'pass' if row['randomisation_test_passed'] else 'FAIL'} {seconds:.2f} s/volume",
-            flush=True,
-        )
-    return report
-
-
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options this benchmark and `explanation_choices.py` share: the models, their training, the volumes."""
     parser.add_argument("--options", nargs="+", default=["reference", "stem3"], choices=list(OPTIONS))
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--train", type=int, default=1500)
@@ -113,14 +79,70 @@ def main(argv=None) -> dict:
     parser.add_argument("--random_volumes", type=int, default=20, help="of which, for the randomisation test")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json")
-    args = parser.parse_args(argv)
 
+
+def synthetic_data(args):
+    """The training and validation tensors `train_option` takes, and the validation volumes, labels and bulges."""
     train_x, train_y = make_tubes(args.train, seed=1)
     val_x, val_y, val_bulges = make_tubes(args.val, seed=2, with_bulges=True)
     data = (
         (torch.from_numpy(train_x).unsqueeze(2), torch.from_numpy(train_y)),
         (torch.from_numpy(val_x).unsqueeze(2), torch.from_numpy(val_y)),
     )
+    return data, val_x, val_y, val_bulges
+
+
+def trained_and_random(name: str, data, args):
+    """The option trained as `synthetic.py` trains it (its result and model), and the same architecture with fresh
+    weights."""
+    result, model = train_option(name, OPTIONS[name], data, args.epochs, args.seed, return_model=True)
+    print(f"{name}: trained, val AUC {result['val_auc']:.3f} ({result['s_per_epoch']:.1f} s/epoch)", flush=True)
+    torch.manual_seed(args.seed + 1000)
+    random_model = VivitMedmnistForVideoClassification(model.config).eval()
+    speed_up_for_cpu(random_model)
+    return result, model, random_model
+
+
+def score(explainer, model, random_model, volumes, bulges, n_random: int, name: str) -> dict:
+    """Pointing game, randomisation test and seconds per volume of `explainer(model, pixel_values)` (maps of class
+    1), printed as one line."""
+    pixel_values = torch.from_numpy(volumes).float().div_(255).unsqueeze(2)
+    start = time.perf_counter()
+    maps = np.clip(explainer(model, pixel_values), 0, None)
+    seconds = (time.perf_counter() - start) / len(volumes)
+    random_maps = np.clip(explainer(random_model, pixel_values[:n_random]), 0, None)
+    hits, random_hits = pointing(maps, bulges), pointing(random_maps, bulges[:n_random])
+    rho = float(np.mean(randomisation(maps[:n_random], random_maps, volumes[:n_random])))
+    hit_rate, random_rate = float(np.mean(hits)), float(np.mean(random_hits))
+    passed = bool(rho < SPEARMAN_PASS and random_rate < hit_rate)
+    print(
+        f"  {name:30s} pointing {hit_rate:.3f} (randomised {random_rate:.3f}) spearman {rho:.3f} "
+        f"{'pass' if passed else 'FAIL'} {seconds:.2f} s/volume",
+        flush=True,
+    )
+    return {
+        "pointing_game": hit_rate, "pointing_game_randomised_model": random_rate,
+        "spearman_trained_vs_randomised": rho, "randomisation_test_passed": passed, "seconds_per_volume": seconds,
+    }  # fmt: skip
+
+
+def run_option(name: str, data, positives, args) -> dict:
+    result, model, random_model = trained_and_random(name, data, args)
+    volumes, bulges = positives
+    n_random = min(args.random_volumes, len(volumes))
+    report = {"option": name, "training": result, "methods": {}}
+    for method in METHODS:
+        explainer = lambda m, x, method=method: explain(m, x, method, target=1)
+        report["methods"][method] = score(explainer, model, random_model, volumes, bulges, n_random, method)
+    return report
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+
+    data, val_x, val_y, val_bulges = synthetic_data(args)
     positive = np.flatnonzero(val_y == 1)[: args.volumes]
     positives = (val_x[positive], val_bulges[positive])
     report = {
