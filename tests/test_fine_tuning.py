@@ -29,7 +29,7 @@ from vivit_medmnist.model_card import applied_overrides
 from vivit_medmnist.trainer_setup import build_model
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml") if not p.stem.endswith("_pretrain"))  # training
 ORGAN_LABELS = [f"organ-{i}" for i in range(11)]
 ADRENAL_LABELS = ["normal", "hyperplasia"]
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}

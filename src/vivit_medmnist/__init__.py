@@ -1,7 +1,7 @@
 """ViViT for 3D medical volumes, as Hugging Face classes.
 
 Importing the package registers the classes with the transformers Auto classes (`AutoConfig`, `AutoModel`,
-`AutoModelForVideoClassification`, `AutoImageProcessor`) and for `save_pretrained`'s code export, so that a saved
+`AutoModelForVideoClassification`, `AutoModelForPreTraining`, `AutoImageProcessor`) and for `save_pretrained`'s code export, so that a saved
 folder also loads with `trust_remote_code=True` where this package is not installed.
 """
 
@@ -12,6 +12,7 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
+    AutoModelForPreTraining,
     AutoModelForVideoClassification,
 )
 from transformers.pipelines import PIPELINE_REGISTRY
@@ -19,6 +20,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from .configuration_vivit_medmnist import VivitMedmnistConfig
 from .image_processing_vivit_medmnist import VivitMedmnistImageProcessor
 from .modeling_vivit_medmnist import (
+    VivitMedmnistForPreTraining,
     VivitMedmnistForVideoClassification,
     VivitMedmnistModel,
     VivitMedmnistPreTrainedModel,
@@ -36,6 +38,7 @@ AutoModel.register(VivitMedmnistConfig, VivitMedmnistModel, exist_ok=True)
 AutoModelForVideoClassification.register(
     VivitMedmnistConfig, VivitMedmnistForVideoClassification, exist_ok=True
 )
+AutoModelForPreTraining.register(VivitMedmnistConfig, VivitMedmnistForPreTraining, exist_ok=True)
 # The processor works for both backends: registering only one makes every AutoImageProcessor load warn
 AutoImageProcessor.register(
     VivitMedmnistConfig,
@@ -67,6 +70,7 @@ def set_verbosity(level: int) -> None:
 
 __all__ = [
     "VivitMedmnistConfig",
+    "VivitMedmnistForPreTraining",
     "VivitMedmnistForVideoClassification",
     "VivitMedmnistImageProcessor",
     "VivitMedmnistModel",

@@ -69,6 +69,16 @@ class RunOptions:
 
 
 @dataclass
+class PretrainingOptions:
+    """`vivit-medmnist-pretrain`'s own option (vivit_medmnist.pretraining)."""
+
+    mask_ratio: float = field(
+        default=0.75,
+        metadata={"help": "The fraction of each volume's tokens masked (and their voxels reconstructed), in (0, 1)."},
+    )
+
+
+@dataclass
 class ModelArguments:
     """Which model to train: a new one (the Keras reference architecture, changed by `config_overrides`) or a
     saved one to fine-tune."""
@@ -252,11 +262,19 @@ class RunArguments(NamedTuple):
     overwrite_output_dir: bool = False  # the user allows replacing a finished model in output_dir
     recipe_override_keys: frozenset[str] = frozenset()  # config_overrides keys set by the recipe alone
     weight_average_decay: float | None = None  # an exponential moving average of the weights is the model
+    mask_ratio: float | None = None  # vivit-medmnist-pretrain's: the fraction of tokens masked
 
 
-def build_parser() -> HfArgumentParser:
-    parser = HfArgumentParser((RunOptions, ModelArguments, DataArguments, TrainingArguments))
-    parser.description = "Train ViViT on a MedMNIST 3D set and write a publishable model folder."
+def build_parser(pretraining: bool = False) -> HfArgumentParser:
+    """The options of `vivit-medmnist-train`, or with `pretraining` of `vivit-medmnist-pretrain` (plus
+    `PretrainingOptions`)."""
+    extra = (PretrainingOptions,) if pretraining else ()
+    parser = HfArgumentParser((RunOptions, ModelArguments, DataArguments, TrainingArguments, *extra))
+    parser.description = (
+        "Pretrain a ViViT encoder by masked volume modelling on a MedMNIST 3D set's training volumes."
+        if pretraining
+        else "Train ViViT on a MedMNIST 3D set and write a publishable model folder."
+    )
     # the generated usage would list every TrainingArguments option before each error message
     parser.usage = "%(prog)s [--recipe FILE.yaml] [--output_dir DIR] [OPTIONS]   (every option: --help)"
     for action in parser._actions:
@@ -286,10 +304,11 @@ def build_parser() -> HfArgumentParser:
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> RunArguments:
-    """Parse the command line (`sys.argv[1:]` if None) into the three dataclasses, after applying `--recipe`."""
+def parse_args(argv: Sequence[str] | None = None, pretraining: bool = False) -> RunArguments:
+    """Parse the command line (`sys.argv[1:]` if None) into the three dataclasses, after applying `--recipe`
+    (with `pretraining`, `vivit-medmnist-pretrain`'s: `mask_ratio` is set)."""
     argv = _bare_resume_flag(list(sys.argv[1:] if argv is None else argv))
-    parser = build_parser()
+    parser = build_parser(pretraining)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--recipe")
     pre.add_argument("--config_overrides")
@@ -299,8 +318,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RunArguments:
         recipe_values = load_recipe(recipe, parser)
         parser.set_defaults(**recipe_values)
     try:
-        options, model_args, data_args, training_args, unknown = parser.parse_args_into_dataclasses(
-            args=argv, look_for_args_file=False, return_remaining_strings=True
+        options, model_args, data_args, training_args, *pretraining_options, unknown = (
+            parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False, return_remaining_strings=True)
         )
     except ValueError as err:  # TrainingArguments' own checks of option combinations
         parser.error(str(err))
@@ -308,6 +327,9 @@ def parse_args(argv: Sequence[str] | None = None) -> RunArguments:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if problem := _invalid_option(data_args, training_args):
         parser.error(problem)
+    mask_ratio = pretraining_options[0].mask_ratio if pretraining else None
+    if pretraining and not 0 < mask_ratio < 1:
+        parser.error(f"--mask_ratio must be in (0, 1), got {mask_ratio}")
     if options.weight_average_decay is not None:
         if not 0 < options.weight_average_decay < 1:
             parser.error(f"--weight_average_decay must be in (0, 1), got {options.weight_average_decay}")
@@ -343,6 +365,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunArguments:
         options.overwrite_output_dir,
         frozenset(from_recipe.keys() - from_command_line.keys()),
         options.weight_average_decay,
+        mask_ratio,
     )
 
 
@@ -453,6 +476,8 @@ def load_recipe(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     not_in_recipes = ("help", "recipe", "overwrite_output_dir")  # a recipe may not replace what a user has
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in not_in_recipes}
     unknown = [key for key in recipe if key not in actions]
+    if unknown == ["mask_ratio"]:
+        parser.error(f"recipe {path} is a pretraining recipe (mask_ratio): run it with vivit-medmnist-pretrain")
     if unknown:
         hints = [
             f"{key!r}"

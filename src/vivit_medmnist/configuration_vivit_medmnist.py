@@ -291,6 +291,25 @@ class VivitMedmnistConfig(PreTrainedConfig):
             amounts.append((total // 2, total - total // 2))
         return amounts
 
+    def token_fields_for(self, volume_size: Sequence[int]) -> list[tuple[int, int, int]]:
+        """Per axis (D, H, W), the voxels token i reads: `[start + i * step, start + i * step + span)`, as
+        (start, span, step): through the conv stem's stages (kernel 3s / stride 2s / padding s, then 3 / 2 / 1), then
+        the tubelet projection (kernel `tubelet_size`, stride `stride`, the `padding` before the first tubelet)."""
+        fields = []
+        padding = self.padding_amounts_for(volume_size)
+        for axis in range(3):
+            start, span, step = 0, 1, 1
+            for stage in range(len(self.conv_stem_channels or ())):
+                scale = self.conv_stem_scale if stage == 0 else 1
+                start -= scale * step
+                span += (3 * scale - 1) * step
+                step *= 2 * scale
+            start -= padding[axis][0] * step
+            span += (self.tubelet_size[axis] - 1) * step
+            step *= self.stride[axis]
+            fields.append((start, span, step))
+        return fields
+
     def grid_size_for(self, volume_size: Sequence[int]) -> list[int]:
         """`grid_size` for volumes of another size (with `interpolate_pos_encoding=True`)."""
         return [

@@ -127,23 +127,9 @@ def heatmap_peak(heatmap: np.ndarray) -> tuple[int, int, int]:
 
 
 def token_boxes(config, volume_size: Sequence[int]) -> list[tuple[int, int, int]]:
-    """Per axis (D, H, W), the voxels token i reads: `[start + i * step, start + i * step + span)`, as
-    (start, span, step): through the conv stem's stages (kernel 3s / stride 2s / padding s, then 3 / 2 / 1), then
-    the tubelet projection (kernel `tubelet_size`, stride `stride`, the `padding` before the first tubelet)."""
-    boxes = []
-    padding = config.padding_amounts_for(volume_size)
-    for axis in range(3):
-        start, span, step = 0, 1, 1
-        for stage in range(len(config.conv_stem_channels or ())):
-            scale = config.conv_stem_scale if stage == 0 else 1
-            start -= scale * step
-            span += (3 * scale - 1) * step
-            step *= 2 * scale
-        start -= padding[axis][0] * step
-        span += (config.tubelet_size[axis] - 1) * step
-        step *= config.stride[axis]
-        boxes.append((start, span, step))
-    return boxes
+    """Per axis (D, H, W), the voxels token i reads, `[start + i * step, start + i * step + span)`, as
+    (start, span, step): `VivitMedmnistConfig.token_fields_for`."""
+    return config.token_fields_for(volume_size)
 
 
 def tokens_to_voxels(relevance: torch.Tensor, config, volume_size: Sequence[int]) -> torch.Tensor:

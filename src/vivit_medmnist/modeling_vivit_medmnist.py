@@ -19,7 +19,11 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    ImageClassifierOutput,
+    MaskedImageModelingOutput,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
@@ -147,11 +151,13 @@ class VivitMedmnistTubeletEmbeddings(nn.Module):
 
 
 class VivitMedmnistEmbeddings(nn.Module):
-    """Tubelet tokens (+ a CLS token with `pooling="cls"`) + learned position embeddings."""
+    """Tubelet tokens (+ a CLS token with `pooling="cls"`) + learned position embeddings. With `use_mask_token`
+    (masked volume modelling), the tokens that `bool_masked_pos` names are replaced by a learned mask token."""
 
-    def __init__(self, config: VivitMedmnistConfig):
+    def __init__(self, config: VivitMedmnistConfig, use_mask_token: bool = False):
         super().__init__()
         self.tubelet_embeddings = VivitMedmnistTubeletEmbeddings(config)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if use_mask_token else None
         self.cls_token = (
             nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if config.pooling == "cls" else None
         )
@@ -180,9 +186,20 @@ class VivitMedmnistEmbeddings(nn.Module):
         positions = positions.permute(0, 2, 3, 4, 1).reshape(1, -1, hidden_size)
         return torch.cat((cls_position, positions), dim=1)
 
-    def forward(self, pixel_values: torch.Tensor, grid_size: list[int] | None = None) -> torch.Tensor:
-        """`grid_size`: the token grid of volumes of another size than the config's (`interpolate_pos_encoding`)."""
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        grid_size: list[int] | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`grid_size`: the token grid of volumes of another size than the config's (`interpolate_pos_encoding`).
+        `bool_masked_pos` (batch, num_tokens): the tokens to replace by the mask token (as in ViT's SimMIM)."""
         embeddings = self.tubelet_embeddings(pixel_values)
+        if bool_masked_pos is not None:
+            if self.mask_token is None:
+                raise ValueError("bool_masked_pos needs a model built with use_mask_token=True")
+            masked = bool_masked_pos.unsqueeze(-1).to(embeddings.dtype)
+            embeddings = embeddings * (1.0 - masked) + self.mask_token.to(embeddings.dtype) * masked
         if self.cls_token is not None:
             embeddings = torch.cat((self.cls_token.expand(embeddings.shape[0], -1, -1), embeddings), dim=1)
         positions = (
@@ -613,10 +630,10 @@ class VivitMedmnistModel(VivitMedmnistPreTrainedModel):
     `"factorised_dot_product"` (Model 4) the blocks attend through `factorised_attention_mask`.
     """
 
-    def __init__(self, config: VivitMedmnistConfig):
+    def __init__(self, config: VivitMedmnistConfig, use_mask_token: bool = False):
         super().__init__(config)
         self.config = config
-        self.embeddings = VivitMedmnistEmbeddings(config)
+        self.embeddings = VivitMedmnistEmbeddings(config, use_mask_token)
         if config.encoder_type == "factorised_encoder":
             self.encoder = VivitMedmnistFactorisedEncoder(config)
         else:
@@ -632,6 +649,7 @@ class VivitMedmnistModel(VivitMedmnistPreTrainedModel):
         self,
         pixel_values: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
+        bool_masked_pos: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
         r"""
@@ -640,6 +658,9 @@ class VivitMedmnistModel(VivitMedmnistPreTrainedModel):
         interpolate_pos_encoding (`bool`, *optional*, defaults to `False`):
             Take volumes of another size than `config.volume_size`: the position embeddings (and the factorised
             encoder's temporal ones) are resized to their token grid, trilinearly over all three axes.
+        bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_tokens)`, *optional*):
+            Tokens to replace by the mask token (a model built with `use_mask_token=True`, as
+            [`VivitMedmnistForPreTraining`] builds it).
 
         `output_hidden_states=True` returns the embeddings and the output of every block (before the final
         LayerNorm), `num_hidden_layers + 1` tensors of shape (batch, tokens, hidden) (with
@@ -660,7 +681,7 @@ class VivitMedmnistModel(VivitMedmnistPreTrainedModel):
             grid_size = self.config.grid_size_for(
                 (pixel_values.shape[1], pixel_values.shape[3], pixel_values.shape[4])
             )
-        embeddings = self.embeddings(pixel_values, grid_size)
+        embeddings = self.embeddings(pixel_values, grid_size, bool_masked_pos)
         if self.config.encoder_type == "factorised_encoder":
             if grid_size is not None:
                 kwargs["num_frames"] = grid_size[0]
@@ -733,7 +754,105 @@ class VivitMedmnistForVideoClassification(VivitMedmnistPreTrainedModel):
         )
 
 
+def token_owners(config: VivitMedmnistConfig, volume_size, device=None) -> torch.Tensor:
+    """(D, H, W) long: the token that owns each voxel, -1 where none does. Token i owns, per axis, the `step`
+    voxels from `origin + i * step` (origin = start + (span - step) // 2, `config.token_fields_for`) that lie in
+    its receptive field: its tubelet, or the cell around the centre of its conv-stem field. Every voxel has at most
+    one owner; a voxel no token reads has none."""
+    grid = config.grid_size_for(volume_size)
+    owners = []
+    for (start, span, step), size, count in zip(config.token_fields_for(volume_size), volume_size, grid):
+        voxel = torch.arange(size, device=device)
+        token = torch.div(voxel - (start + (span - step) // 2), step, rounding_mode="floor")
+        first = start + token * step
+        inside = (token >= 0) & (token < count) & (voxel >= first) & (voxel < first + span)
+        owners.append(torch.where(inside, token, -1))
+    d, h, w = owners[0][:, None, None], owners[1][None, :, None], owners[2][None, None, :]
+    return torch.where((d >= 0) & (h >= 0) & (w >= 0), (d * grid[1] + h) * grid[2] + w, -1)
+
+
+class VivitMedmnistForPreTraining(VivitMedmnistPreTrainedModel):
+    """Masked volume modelling: SimMIM (Xie et al. 2022) in 3D, VideoMAE's task with an encoder that sees every
+    token, as a convolutional stem needs the whole grid. The voxels owned by the masked tokens (`token_owners`)
+    are zeroed in the input, so that no visible token's overlapping receptive field reads them, and the masked
+    tokens' embeddings become a learned mask token; a linear layer maps each output token to the voxels of its
+    cell, and the loss is the mean squared error over the masked voxels only (MAE's and VideoMAE's; SimMIM's L1
+    is least for the median, which on sparse binary masks such as MedMNIST's shape sets is mostly 0).
+
+    The encoder (`self.vivit`) is what fine-tuning starts from: `vivit_medmnist.pretraining` saves it as a bare
+    `VivitMedmnistModel` folder, which `VivitMedmnistForVideoClassification.from_pretrained` takes."""
+
+    def __init__(self, config: VivitMedmnistConfig):
+        super().__init__(config)
+        if config.encoder_type == "factorised_encoder":
+            raise ValueError(
+                "masked volume modelling needs one output per token; encoder_type='factorised_encoder' returns one "
+                "per temporal index: use 'joint', 'factorised_self_attention' or 'factorised_dot_product'"
+            )
+        self.vivit = VivitMedmnistModel(config, use_mask_token=True)
+        steps = [step for _, _, step in config.token_fields_for(config.volume_size)]
+        self.decoder = nn.Linear(config.hidden_size, config.num_channels * math.prod(steps))
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MaskedImageModelingOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, D, num_channels, H, W)`):
+            The volumes, of the config's size.
+        bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_tokens)`):
+            The tokens to mask, in the token grid's (d, h, w) order
+            (`vivit_medmnist.pretraining.MaskedVolumeCollator` draws them).
+
+        Returns the loss and the `reconstruction`, shaped as `pixel_values`: each owned voxel's prediction from its
+        token (zero where no token owns the voxel).
+        """
+        check_pixel_values(pixel_values, self.config)
+        config, batch_size = self.config, pixel_values.shape[0]
+        if bool_masked_pos is None or tuple(bool_masked_pos.shape) != (batch_size, config.num_tokens):
+            got = None if bool_masked_pos is None else tuple(bool_masked_pos.shape)
+            raise ValueError(f"bool_masked_pos must have shape {(batch_size, config.num_tokens)}, got {got}")
+        bool_masked_pos = bool_masked_pos.bool()
+        volume_size = list(config.volume_size)
+        owners = token_owners(config, volume_size, pixel_values.device)
+        # (batch, D, 1, H, W): voxels whose owner is masked (index -1, no owner, reads the appended False)
+        padded = torch.cat((bool_masked_pos, bool_masked_pos.new_zeros(batch_size, 1)), dim=1)
+        masked_voxels = padded[:, owners].unsqueeze(2)
+        visible = pixel_values.masked_fill(masked_voxels, 0.0)
+        outputs = self.vivit(visible, bool_masked_pos=bool_masked_pos, **kwargs)
+        tokens = outputs.last_hidden_state[:, -config.num_tokens :]  # without the CLS state
+
+        # each token's prediction is a (C, step_d, step_h, step_w) block at its cell; the blocks tile a volume that
+        # starts at voxel `origin` on each axis, cut here to the input's voxels
+        fields = config.token_fields_for(volume_size)
+        steps, grid = [step for _, _, step in fields], config.grid_size
+        blocks = self.decoder(tokens).float().view(batch_size, *grid, config.num_channels, *steps)
+        tiled = blocks.permute(0, 1, 5, 4, 2, 6, 3, 7).reshape(
+            batch_size, grid[0] * steps[0], config.num_channels, grid[1] * steps[1], grid[2] * steps[2]
+        )
+        reconstruction = tiled.new_zeros(pixel_values.shape)
+        source, target = [], []
+        for (start, span, step), count, size in zip(fields, grid, volume_size):
+            origin = start + (span - step) // 2
+            low, high = max(origin, 0), min(origin + count * step, size)
+            source.append(slice(low - origin, high - origin))
+            target.append(slice(low, high))
+        reconstruction[:, target[0], :, target[1], target[2]] = tiled[:, source[0], :, source[1], source[2]]
+        reconstruction = reconstruction * (owners >= 0).unsqueeze(1)
+
+        errors = (reconstruction - pixel_values.float()).square() * masked_voxels
+        loss = errors.sum() / (masked_voxels.sum() * config.num_channels).clamp(min=1)
+        return MaskedImageModelingOutput(
+            loss=loss, reconstruction=reconstruction, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
 __all__ = [
+    "VivitMedmnistForPreTraining",
     "VivitMedmnistForVideoClassification",
     "VivitMedmnistModel",
     "VivitMedmnistPreTrainedModel",
