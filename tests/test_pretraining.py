@@ -3,6 +3,7 @@ with the voxels, and the pretrain-then-fine-tune path of the command line."""
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,23 @@ def test_pretrain_command_then_fine_tune_from_its_folder(shared_data_dir, tmp_pa
     classifier = VivitMedmnistForVideoClassification.from_pretrained(folder)  # the fine-tuning start
     for name, value in classifier.vivit.state_dict().items():
         torch.testing.assert_close(value, saved[name], rtol=0, atol=0, msg=name)
+
+    # killed after its first epoch (the last checkpoint and the finished files gone), the run resumes and ends
+    # with the same weights (the masks come from torch's generator, whose state the checkpoint holds)
+    uninterrupted = tmp_path / "uninterrupted"
+    two_epochs = ["--max_train_samples", "32", "--mask_ratio", "0.5", *common, "--num_train_epochs", "2"]
+    main(["--recipe", str(RECIPE), "--output_dir", str(uninterrupted), *two_epochs])
+    checkpoints = sorted((uninterrupted / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert [p.name for p in checkpoints] == ["checkpoint-1", "checkpoint-2"]
+    expected = load_file(uninterrupted / "model.safetensors")
+    shutil.rmtree(checkpoints[-1])
+    for path in uninterrupted.iterdir():
+        if path.is_file():
+            path.unlink()
+    main(["--recipe", str(RECIPE), "--output_dir", str(uninterrupted), *two_epochs, "--resume_from_checkpoint"])
+    resumed = load_file(uninterrupted / "model.safetensors")
+    for name, value in expected.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
 
     # what pretraining cannot honour is refused before anything is written
     for extra, message in (
