@@ -19,8 +19,6 @@ Arguments follow the Hugging Face example scripts: `HfArgumentParser` over `RunO
 from __future__ import annotations
 
 import argparse
-import difflib
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,12 +26,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import yaml
 from transformers import HfArgumentParser, TrainingArguments
-from transformers.hf_argparser import string_to_bool
 
 from .config_overrides import OptionError, override_items, parse_config_overrides
 from .cpu_speed import native_bf16
+from .recipe_files import load_recipe
 
 CHECKPOINTS = "checkpoints"  # subfolder of --output_dir that holds the Trainer checkpoints (never published)
 
@@ -65,16 +62,6 @@ class RunOptions:
             "help": "Keep an exponential moving average of the weights with this decay (e.g. 0.999) and save it "
             "as the model (vivit_medmnist.weight_average); default: the last weights."
         },
-    )
-
-
-@dataclass
-class PretrainingOptions:
-    """`vivit-medmnist-pretrain`'s own option (vivit_medmnist.pretraining)."""
-
-    mask_ratio: float = field(
-        default=0.75,
-        metadata={"help": "The fraction of each volume's tokens masked (and their voxels reconstructed), in (0, 1)."},
     )
 
 
@@ -262,19 +249,15 @@ class RunArguments(NamedTuple):
     overwrite_output_dir: bool = False  # the user allows replacing a finished model in output_dir
     recipe_override_keys: frozenset[str] = frozenset()  # config_overrides keys set by the recipe alone
     weight_average_decay: float | None = None  # an exponential moving average of the weights is the model
-    mask_ratio: float | None = None  # vivit-medmnist-pretrain's: the fraction of tokens masked
+    extra: Any = None  # the options of another command's `extra_options` dataclass (parse_args), if any
 
 
-def build_parser(pretraining: bool = False) -> HfArgumentParser:
-    """The options of `vivit-medmnist-train`, or with `pretraining` of `vivit-medmnist-pretrain` (plus
-    `PretrainingOptions`)."""
-    extra = (PretrainingOptions,) if pretraining else ()
+def build_parser(extra_options: type | None = None, description: str | None = None) -> HfArgumentParser:
+    """The options of `vivit-medmnist-train`, plus those of `extra_options` (a dataclass) for a command that
+    takes training's options and its own (`vivit-medmnist-pretrain`)."""
+    extra = (extra_options,) if extra_options is not None else ()
     parser = HfArgumentParser((RunOptions, ModelArguments, DataArguments, TrainingArguments, *extra))
-    parser.description = (
-        "Pretrain a ViViT encoder by masked volume modelling on a MedMNIST 3D set's training volumes."
-        if pretraining
-        else "Train ViViT on a MedMNIST 3D set and write a publishable model folder."
-    )
+    parser.description = description or "Train ViViT on a MedMNIST 3D set and write a publishable model folder."
     # the generated usage would list every TrainingArguments option before each error message
     parser.usage = "%(prog)s [--recipe FILE.yaml] [--output_dir DIR] [OPTIONS]   (every option: --help)"
     for action in parser._actions:
@@ -304,11 +287,13 @@ def build_parser(pretraining: bool = False) -> HfArgumentParser:
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None, pretraining: bool = False) -> RunArguments:
-    """Parse the command line (`sys.argv[1:]` if None) into the three dataclasses, after applying `--recipe`
-    (with `pretraining`, `vivit-medmnist-pretrain`'s: `mask_ratio` is set)."""
+def parse_args(
+    argv: Sequence[str] | None = None, extra_options: type | None = None, description: str | None = None
+) -> RunArguments:
+    """Parse the command line (`sys.argv[1:]` if None) into the three dataclasses, after applying `--recipe`;
+    with `extra_options` (see `build_parser`) its values are `RunArguments.extra`."""
     argv = _bare_resume_flag(list(sys.argv[1:] if argv is None else argv))
-    parser = build_parser(pretraining)
+    parser = build_parser(extra_options, description)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--recipe")
     pre.add_argument("--config_overrides")
@@ -318,7 +303,7 @@ def parse_args(argv: Sequence[str] | None = None, pretraining: bool = False) -> 
         recipe_values = load_recipe(recipe, parser)
         parser.set_defaults(**recipe_values)
     try:
-        options, model_args, data_args, training_args, *pretraining_options, unknown = (
+        options, model_args, data_args, training_args, *extra, unknown = (
             parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False, return_remaining_strings=True)
         )
     except ValueError as err:  # TrainingArguments' own checks of option combinations
@@ -327,9 +312,6 @@ def parse_args(argv: Sequence[str] | None = None, pretraining: bool = False) -> 
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if problem := _invalid_option(data_args, training_args):
         parser.error(problem)
-    mask_ratio = pretraining_options[0].mask_ratio if pretraining else None
-    if pretraining and not 0 < mask_ratio < 1:
-        parser.error(f"--mask_ratio must be in (0, 1), got {mask_ratio}")
     if options.weight_average_decay is not None:
         if not 0 < options.weight_average_decay < 1:
             parser.error(f"--weight_average_decay must be in (0, 1), got {options.weight_average_decay}")
@@ -365,7 +347,7 @@ def parse_args(argv: Sequence[str] | None = None, pretraining: bool = False) -> 
         options.overwrite_output_dir,
         frozenset(from_recipe.keys() - from_command_line.keys()),
         options.weight_average_decay,
-        mask_ratio,
+        extra[0] if extra else None,
     )
 
 
@@ -435,83 +417,3 @@ def _bare_resume_flag(argv: list[str]) -> list[str]:
         if arg in ("--resume_from_checkpoint", "--resume-from-checkpoint") and bare:
             out.append(RESUME_LAST)
     return out
-
-
-RECIPES_DIR = Path(__file__).with_name("recipes")  # the recipes shipped with the package (package data)
-
-
-def packaged_recipes() -> list[str]:
-    """The names of the recipes shipped with the package, e.g. ['adrenalmnist3d', 'keras_reference', ...]."""
-    return sorted(path.stem for path in RECIPES_DIR.glob("*.yaml"))
-
-
-def resolve_recipe(name: str) -> Path:
-    """A recipe file: `name` itself when it exists, else the packaged recipe of that name (with or without
-    `.yaml`), so `--recipe organmnist3d` works where the package is installed without a checkout."""
-    path = Path(name)
-    packaged = RECIPES_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
-    if not path.is_file() and path.parent == Path(".") and packaged.is_file():
-        return packaged
-    return path
-
-
-def load_recipe(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """Read a recipe: a flat YAML mapping of option name -> value, checked against `parser`'s options.
-
-    `path` is a YAML file, or the name of a recipe shipped with the package (`organmnist3d`, see
-    `packaged_recipes`). Values are converted with the option's own type, as if given on the command line, so a
-    recipe cannot hold
-    anything the command line would refuse. Errors go through `parser.error` (usage + message, exit status 2).
-    """
-    try:
-        recipe = yaml.safe_load(resolve_recipe(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
-        parser.error(f"cannot read recipe {path}: {err}")
-    if recipe is None:
-        return {}
-    if not isinstance(recipe, dict):
-        parser.error(
-            f"recipe {path} must be a mapping of option names to values, got {type(recipe).__name__}"
-        )
-    not_in_recipes = ("help", "recipe", "overwrite_output_dir")  # a recipe may not replace what a user has
-    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in not_in_recipes}
-    unknown = [key for key in recipe if key not in actions]
-    if unknown == ["mask_ratio"]:
-        parser.error(f"recipe {path} is a pretraining recipe (mask_ratio): run it with vivit-medmnist-pretrain")
-    if unknown:
-        hints = [
-            f"{key!r}"
-            + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, actions)) else "")
-            for key in unknown
-        ]
-        parser.error(f"recipe {path}: unknown key(s) {', '.join(hints)}; keys are option names without '--'")
-    defaults = {}
-    for key, value in recipe.items():
-        try:
-            defaults[key] = _convert_recipe_value(actions[key], value)
-        except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
-            parser.error(f"recipe {path}: invalid value {value!r} for {key!r}: {err}")
-    return defaults
-
-
-def _convert_recipe_value(action: argparse.Action, value: Any) -> Any:
-    if value is None:
-        return None
-    if action.nargs in ("+", "*"):
-        return [_convert_one(action, item) for item in (value if isinstance(value, list) else [value])]
-    if isinstance(value, list):
-        raise TypeError("expected a single value, got a list")
-    return _convert_one(action, value)
-
-
-def _convert_one(action: argparse.Action, value: Any) -> Any:
-    if isinstance(value, dict):
-        value = json.dumps(value)  # dict options (e.g. lr_scheduler_kwargs) take JSON on the command line
-    elif isinstance(value, bool) and action.type is not string_to_bool:
-        raise TypeError("expected a value of the option's type, got a boolean")
-    elif isinstance(value, (list, tuple)):
-        raise TypeError("expected a single value, got a list")
-    converted = action.type(str(value)) if action.type is not None else str(value)
-    if action.choices is not None and converted not in action.choices:
-        raise ValueError(f"expected one of {list(action.choices)}")
-    return converted

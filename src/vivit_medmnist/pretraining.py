@@ -14,9 +14,10 @@ resumes with `--resume_from_checkpoint`, as training does.
 
 from __future__ import annotations
 
+import copy
 import logging
-import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -47,8 +48,19 @@ from .trainer_setup import (
 )
 
 logger = logging.getLogger("vivit_medmnist.pretraining")
+DESCRIPTION = "Pretrain a ViViT encoder by masked volume modelling on a MedMNIST 3D set's training volumes."
 
-__all__ = ["MaskedVolumeCollator", "encoder_for_fine_tuning", "main"]
+__all__ = ["MaskedVolumeCollator", "PretrainingOptions", "encoder_for_fine_tuning", "main"]
+
+
+@dataclass
+class PretrainingOptions:
+    """`vivit-medmnist-pretrain`'s own options, beside training's (`arguments.parse_args(extra_options=...)`)."""
+
+    mask_ratio: float = field(
+        default=0.75,
+        metadata={"help": "The fraction of each volume's tokens masked (and their voxels reconstructed), in (0, 1)."},
+    )
 
 
 class MaskedVolumeCollator:
@@ -73,10 +85,9 @@ class MaskedVolumeCollator:
 def encoder_for_fine_tuning(model: VivitMedmnistForPreTraining) -> VivitMedmnistModel:
     """The pretrained encoder as a bare `VivitMedmnistModel` (without the mask token and the decoder), which a
     classification model loads with `from_pretrained`."""
-    encoder = VivitMedmnistModel(model.config)
+    encoder = VivitMedmnistModel(copy.deepcopy(model.config))  # its save_pretrained names its own architecture
     weights = {name: value for name, value in model.vivit.state_dict().items() if name != "embeddings.mask_token"}
     encoder.load_state_dict(weights, strict=True)
-    encoder.config.architectures = ["VivitMedmnistModel"]
     return encoder
 
 
@@ -91,7 +102,9 @@ def build_pretraining_model(run, size: int) -> VivitMedmnistForPreTraining:
 
 
 def refused_options(run) -> str | None:
-    """Options of `vivit-medmnist-train` that pretraining cannot honour, as a message; None when all are fine."""
+    """Options that pretraining cannot honour, as a message; None when all are fine."""
+    if not 0 < run.extra.mask_ratio < 1:
+        return f"--mask_ratio must be in (0, 1), got {run.extra.mask_ratio}"
     if run.model.model_name_or_path is not None:
         return "--model_name_or_path: pretraining starts from a new model (resume a killed run with --resume_from_checkpoint)"
     if run.data.mixing():
@@ -107,9 +120,10 @@ def refused_options(run) -> str | None:
 
 
 def main(argv=None):
-    run = parse_args(argv, pretraining=True)
+    run = parse_args(argv, PretrainingOptions, DESCRIPTION)
+    mask_ratio = run.extra.mask_ratio
     setup_logging(run.training)
-    logger.info(f"{describe_device(run.training)} output_dir={run.output_dir} mask_ratio={run.mask_ratio}")
+    logger.info(f"{describe_device(run.training)} output_dir={run.output_dir} mask_ratio={mask_ratio}")
     try:
         if problem := refused_options(run):
             raise OptionError(problem)
@@ -131,7 +145,7 @@ def main(argv=None):
     train = AugmentedDataset(data["train"], run.training.seed, **run.data.augmentation())
     # stored volumes are preprocessed already (uint8 at the model's size): the collator only scales them
     stored = VivitMedmnistImageProcessor() if run.data.own_volumes() else image_processor
-    collator = MaskedVolumeCollator(stored, model.config.num_tokens, run.mask_ratio)
+    collator = MaskedVolumeCollator(stored, model.config.num_tokens, mask_ratio)
     trainer = Trainer(
         model=model, args=run.training, train_dataset=train, data_collator=collator, callbacks=[EpochCallback(train)]
     )
@@ -140,10 +154,7 @@ def main(argv=None):
     elif run.overwrite_output_dir and trainer.is_world_process_zero():
         remove_checkpoints(run.training)
     metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
-    metrics.update(mask_ratio=run.mask_ratio, masked_tokens=collator.num_masked, train_volumes=len(train))
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    if losses and not math.isfinite(losses[-1]):
-        logger.warning(f"the last logged loss is {losses[-1]}")
+    metrics.update(mask_ratio=mask_ratio, masked_tokens=collator.num_masked, train_volumes=len(train))
     trainer.log_metrics("train", metrics)
     if trainer.is_world_process_zero():
         with staged_files(run.output_dir) as staging:
