@@ -6,7 +6,7 @@ call `speed_up_for_cpu(model)`, which keeps the model's arithmetic and changes o
 
 - attention through `CPU_ATTENTION`, an implementation registered with transformers' `AttentionInterface`: eager
   attention's arithmetic with fewer passes over the (batch, heads, tokens, tokens) weights, and a dropout mask
-  cut from 64-bit random words (`dropout_mask`);
+  cut from 64-bit random words (`dropout_keep`);
 - the convolutional stem's weights in channels-last 3D layout, oneDNN's faster path for these convolutions.
 
 Two process-wide choices go with it: bf16 autocast where the CPU computes bf16 natively (`native_bf16()`:
@@ -37,7 +37,7 @@ __all__ = [
     "CPU_ATTENTION",
     "autocast_for",
     "cpu_attention_forward",
-    "dropout_mask",
+    "dropout_keep",
     "keep_freed_memory",
     "native_bf16",
     "prepare_for_inference",
@@ -55,18 +55,20 @@ def native_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
-def dropout_mask(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
-    """A boolean mask of `shape` that is True (drop) with probability p' = round(p * 2^16) / 2^16 (within 7.7e-6
-    of p), and p'. It compares 16-bit random integers with a threshold, four cut from each 64-bit word of numpy's
-    PCG64 seeded by one draw of torch's default generator (so torch's seed, and a checkpoint's RNG state,
+def dropout_keep(shape: torch.Size, p: float, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """A 0/1 tensor of `shape` and `dtype` that is 0 (drop) with probability p' = round(p * 2^16) / 2^16 (within
+    7.7e-6 of p), and p'. It compares 16-bit random integers with a threshold, four cut from each 64-bit word of
+    numpy's PCG64 seeded by one draw of torch's default generator (so torch's seed, and a checkpoint's RNG state,
     reproduce it): one generator call per four elements, from a generator about twice as fast as torch's CPU one,
-    where `nn.functional.dropout`'s `bernoulli_` makes one torch call per element."""
+    where `nn.functional.dropout`'s `bernoulli_` makes one torch call per element. The comparison runs in numpy
+    and the mask comes as bytes: torch's bool -> float conversion, `masked_fill` and a bool x float product each
+    take several times longer than a product with this mask (benchmarks/README.md)."""
     numel = math.prod(shape)
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
     words = np.random.PCG64(seed).random_raw((numel + 3) // 4)
-    bits = torch.from_numpy(words.view(np.int16)[:numel]).view(shape)
     dropped = round(p * 65536)
-    return bits < dropped - 32768, dropped / 65536
+    keep = words.view(np.int16)[:numel] >= dropped - 32768
+    return torch.from_numpy(keep.view(np.uint8)).view(shape).to(dtype), dropped / 65536
 
 
 def cpu_attention_forward(
@@ -82,17 +84,17 @@ def cpu_attention_forward(
     """Eager attention (`modeling_vivit_medmnist.eager_attention_forward`) with fewer passes over the (batch,
     heads, tokens, tokens) weights: the scale multiplies the queries (head_dim wide, not tokens wide); the softmax
     runs in the input's dtype (torch's CPU softmax accumulates bf16 in float32 and rounds once, which is what
-    eager's float32 softmax and cast give); dropout zeroes the weights with `dropout_mask` and rescales the
-    (tokens, head_dim) output instead of the weights. The weights returned during training are the dropped,
-    unscaled ones."""
+    eager's float32 softmax and cast give); dropout multiplies the weights by `dropout_keep`'s 0/1 mask and
+    rescales the (tokens, head_dim) output instead of the weights. The weights returned during training are the
+    dropped, unscaled ones."""
     weights = torch.matmul(query * scaling, key.transpose(2, 3))
     if attention_mask is not None:
         weights = weights + attention_mask
     weights = torch.softmax(weights, dim=-1)
     rescale = None
     if dropout > 0.0 and module.training:
-        drop, dropped = dropout_mask(weights.shape, dropout)
-        weights = weights.masked_fill(drop, 0.0)  # a bool x float product would take a slow path
+        keep, dropped = dropout_keep(weights.shape, dropout, weights.dtype)
+        weights = weights * keep
         rescale = 1.0 / (1.0 - dropped)
     output = torch.matmul(weights, value)
     if rescale is not None:
