@@ -62,7 +62,7 @@ def dropout_keep(shape: torch.Size, p: float, dtype: torch.dtype) -> tuple[torch
     reproduce it): one generator call per four elements, from a generator about twice as fast as torch's CPU one,
     where `nn.functional.dropout`'s `bernoulli_` makes one torch call per element. The comparison runs in numpy
     and the mask comes as bytes: torch's bool -> float conversion, `masked_fill` and a bool x float product each
-    take several times longer than a product with this mask (benchmarks/README.md)."""
+    take several times longer on a CPU than a product with this mask."""
     numel = math.prod(shape)
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
     words = np.random.PCG64(seed).random_raw((numel + 3) // 4)
