@@ -15,7 +15,8 @@ tubelet 1: 64 tokens), drop-path 0.1, attention dropout 0.1, 2 labels. One rando
   `evaluate.py` / `predict.py` ran it: the default SDPA, float32.
 - `after`: today's files and what `train.py` / the inference commands do now on this CPU:
   `cpu_speed.speed_up_for_cpu` (the `vivit_cpu` attention, channels-last stem), bf16 autocast where the CPU has
-  native bf16 (`cpu_speed.native_bf16()`), and `--optim`'s AdamW (the recipe's `adamw_torch_fused`).
+  native bf16 and it is faster (`cpu_speed.bf16_is_faster()`), and `--optim`'s AdamW (the recipe's
+  `adamw_torch_fused`).
 - `--ablation` adds today's model with each choice alone (`attention`, `channels_last`, `bf16`, `fused_adamw`)
   and `torch_compile`: `torch.compile` (default mode; compiled during warm-up) of today's model with eager
   attention (one graph, no breaks: `vivit_cpu`'s mask breaks the graph), channels-last and `after`'s bf16.
@@ -117,9 +118,9 @@ class Variant:
 
 def variant_specs(args) -> dict[str, dict]:
     """name -> how that variant builds and runs its model (see the module docstring)."""
-    from vivit_medmnist.cpu_speed import CPU_ATTENTION, native_bf16
+    from vivit_medmnist.cpu_speed import CPU_ATTENTION, bf16_is_faster
 
-    bf16 = native_bf16() if args.bf16 == "auto" else args.bf16 == "true"
+    bf16 = bf16_is_faster() if args.bf16 == "auto" else args.bf16 == "true"
     plain = {"train": "eager", "inference": "sdpa"}
     fast = {"train": CPU_ATTENTION, "inference": CPU_ATTENTION}
     now = {"modeling": "now", "attention": plain, "speed_up": None, "bf16": False, "fused": False,
@@ -225,7 +226,8 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--steps", type=int, default=1, help="timed steps per variant, mode and round")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--bf16", choices=["auto", "true", "false"], default="auto", help="for 'after' (default: native)")
+    parser.add_argument("--bf16", choices=["auto", "true", "false"], default="auto",
+                        help="for 'after' (default: where faster, as the commands decide)")
     parser.add_argument("--optim", default="adamw_torch_fused", help="'after''s optimizer, as the recipe's (adamw_torch_fused) or adamw_torch")
     parser.add_argument("--ablation", action="store_true", help="also each choice alone, and torch.compile")
     parser.add_argument("--tiny", action="store_true", help="smoke test: batch 2, 1 round, no warm-up")
@@ -253,6 +255,7 @@ def main(argv=None) -> dict:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "processor": _cpu_name(),
             "native_bf16": cpu_speed.native_bf16(),
+            "bf16_matmul_speedup": cpu_speed.bf16_matmul_speedup(),
             "variants": specs,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -262,7 +265,8 @@ def main(argv=None) -> dict:
         "results": results,
     }
     print(f"\n{report['machine']['processor']}, {args.threads} thread(s), batch {args.batch_size}, "
-          f"{args.rounds} rounds, native bf16: {report['machine']['native_bf16']}")
+          f"{args.rounds} rounds, native bf16: {report['machine']['native_bf16']}, bf16 product "
+          f"{report['machine']['bf16_matmul_speedup']:.2f}x float32's, after in bf16: {specs['after']['bf16']}")
     print(f"{'variant':<16}{'train ms':>10}{'x before':>10}{'(medians)':>11}{'infer ms':>10}{'x before':>10}{'(medians)':>11}")
     for name, modes in results.items():
         train, infer = modes["train"], modes["inference"]

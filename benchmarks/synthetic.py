@@ -118,7 +118,7 @@ def train_option(name: str, fields: dict, data, epochs: int, seed: int, return_m
     torch.manual_seed(seed)
     config = VivitMedmnistConfig(num_labels=2, **fields)
     model = VivitMedmnistForVideoClassification(config)
-    speed_up_for_cpu(model)  # what train.py does on CPU, with bf16 autocast where the CPU has native bf16
+    speed_up_for_cpu(model)  # what train.py does on CPU, with bf16 autocast where it is faster on this CPU
     bf16 = use_bf16("auto", "cpu")
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05, fused=True)
     steps = epochs * math.ceil(len(train_x) / 32)

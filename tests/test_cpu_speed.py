@@ -47,3 +47,22 @@ def test_cpu_attention_dropout_is_eager_attention_with_that_mask_and_unbiased():
     without = cpu_attention_forward(module.eval(), query, key, value, None, scaling, dropout=0.25)[0]
     spread = draws.std(0).max().item() / math.sqrt(len(draws))
     assert (draws.mean(0) - without).abs().max().item() < 6 * spread
+
+
+def test_bf16_is_chosen_only_where_the_cpu_has_it_and_it_measures_faster(monkeypatch):
+    from vivit_medmnist import cpu_speed
+
+    speedup = cpu_speed.bf16_matmul_speedup(repeats=3)
+    assert 0.0 < speedup < float("inf")
+    for native, measured, chosen in [(False, 3.0, False), (True, 0.55, False), (True, 1.0, False), (True, 1.4, True)]:
+        monkeypatch.setattr(cpu_speed, "native_bf16", lambda native=native: native)
+        monkeypatch.setattr(cpu_speed, "bf16_matmul_speedup", lambda measured=measured: measured)
+        cpu_speed.bf16_is_faster.cache_clear()
+        assert cpu_speed.bf16_is_faster() is chosen
+        # the commands follow it: train.py's --bf16 default and the inference commands' --precision auto
+        from vivit_medmnist.arguments import parse_args
+
+        assert parse_args(["--output_dir", "x"]).training.bf16 is (chosen and not torch.cuda.is_available())
+        assert cpu_speed.use_bf16("auto", "cpu") is chosen
+        assert cpu_speed.use_bf16("fp32", "cpu") is False and cpu_speed.use_bf16("bf16", "cpu") is True
+    cpu_speed.bf16_is_faster.cache_clear()

@@ -9,8 +9,8 @@ Arguments follow the Hugging Face example scripts: `HfArgumentParser` over `RunO
 - `--resume_from_checkpoint` with no value (or the value `last`) resumes from the newest checkpoint in
   `<output_dir>/checkpoints`; with a path, from that checkpoint.
 - `use_cpu` defaults to True when there is no CUDA device (`--use_cpu false` restores the Trainer's own choice),
-  and `bf16` (autocast) to True when that CPU computes bf16 natively (`cpu_speed.native_bf16`; `--bf16 false`
-  trains in float32).
+  and `bf16` (autocast) to True when bf16 is faster on that CPU (`cpu_speed.bf16_is_faster`: native bf16, and
+  a matrix product measured faster in bf16 than in float32; `--bf16 false` trains in float32, `--bf16 true` in bf16).
 - `--output_dir` (default `outputs/<dataset_name>`) is the publishable folder; the Trainer's checkpoints, which
   hold pickles (`optimizer.pt`, `rng_state.pth`, `training_args.bin`), go to its `checkpoints/` subfolder only.
 - A value that cannot mean what the user wants (0 volumes, an axis that does not exist, ...) is a usage error.
@@ -29,7 +29,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from .config_overrides import OptionError, override_items, parse_config_overrides
-from .cpu_speed import native_bf16
+from .cpu_speed import bf16_is_faster
 from .recipe_files import load_recipe
 
 CHECKPOINTS = "checkpoints"  # subfolder of --output_dir that holds the Trainer checkpoints (never published)
@@ -274,11 +274,11 @@ def build_parser(extra_options: type | None = None, description: str | None = No
     # `accelerate launch` on a CPU machine trains alone).
     # Every parameter takes part in every forward: DDP need not search for unused ones (the Trainer would).
     # Progress bars only on a terminal: in a log file they are control characters.
-    # A CPU with native bf16 trains about 1.35x faster under bf16 autocast (benchmarks/README.md).
+    # Where bf16 is faster on this CPU, it trains about 1.35x faster under bf16 autocast (benchmarks/README.md).
     cpu_only = not torch.cuda.is_available()
     parser.set_defaults(
         use_cpu=cpu_only,
-        bf16=cpu_only and native_bf16(),
+        bf16=cpu_only and bf16_is_faster(),
         ddp_find_unused_parameters=False,
         remove_unused_columns=False,  # the raw "volume" column is no argument of forward(): the collator reads it
         output_dir="",

@@ -9,9 +9,10 @@ call `speed_up_for_cpu(model)`, which keeps the model's arithmetic and changes o
   cut from 64-bit random words (`dropout_keep`);
 - the convolutional stem's weights in channels-last 3D layout, oneDNN's faster path for these convolutions.
 
-Two process-wide choices go with it: bf16 autocast where the CPU computes bf16 natively (`native_bf16()`:
-AVX512-BF16 or AMX), which halves the cost of every matrix product (`train.py` then trains with `--bf16` unless
-told `--bf16 false`; the inference commands run under `autocast_for` unless told `--precision fp32`), and
+Two process-wide choices go with it: bf16 autocast where it is faster on this CPU (`bf16_is_faster()`: the CPU
+computes bf16 natively, AVX512-BF16 or AMX, and a matrix product of the model's shape measures faster in bf16),
+which on such a CPU halves the cost of every matrix product (`train.py` then trains with `--bf16` unless told
+`--bf16 false`; the inference commands run under `autocast_for` unless told `--precision fp32`), and
 `keep_freed_memory()`, which stops glibc from returning freed activations to the kernel after every step.
 
 What each choice bought, and what was tried and bought nothing, is in `benchmarks/README.md`
@@ -23,8 +24,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import math
+import statistics
 import sys
+import time
 
 import numpy as np
 import torch
@@ -36,6 +40,8 @@ from .modeling_vivit_medmnist import VivitMedmnistConvStem
 __all__ = [
     "CPU_ATTENTION",
     "autocast_for",
+    "bf16_is_faster",
+    "bf16_matmul_speedup",
     "cpu_attention_forward",
     "dropout_keep",
     "keep_freed_memory",
@@ -53,6 +59,35 @@ def native_bf16() -> bool:
     and slower than float32."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+BF16_MIN_SPEEDUP = 1.1  # bf16 must beat float32 by this much: a margin over timing noise, so the choice is stable
+
+
+def bf16_matmul_speedup(repeats: int = 9) -> float:
+    """float32 time / bf16 time of the model's largest matrix product (a batch of 32 volumes' 64 tokens, width 128,
+    through the 512-wide MLP), the median over `repeats` interleaved pairs, with torch's current threads."""
+    tokens, weight = torch.randn(2048, 128), torch.randn(512, 128)
+    operands = {torch.float32: (tokens, weight), torch.bfloat16: (tokens.bfloat16(), weight.bfloat16())}
+
+    def seconds(dtype: torch.dtype) -> float:
+        start = time.perf_counter()
+        nn.functional.linear(*operands[dtype])
+        return time.perf_counter() - start
+
+    for _ in range(2):  # oneDNN builds its kernels on the first calls
+        seconds(torch.float32), seconds(torch.bfloat16)
+    return statistics.median(seconds(torch.float32) / seconds(torch.bfloat16) for _ in range(repeats))
+
+
+@functools.cache
+def bf16_is_faster() -> bool:
+    """Whether bf16 autocast is the faster way to run the model on this CPU: it computes bf16 natively
+    (`native_bf16`) and `bf16_matmul_speedup()` is at least BF16_MIN_SPEEDUP, measured once per process (a few
+    hundredths of a second). Native bf16 is not enough: on an AMD EPYC with AVX512-BF16 bf16 autocast made the
+    training step 1.38x faster, but on an Intel Xeon with AVX512-BF16 and no AMX the product took 1.8x as long in
+    bf16 and the step 1.2x (benchmarks/README.md)."""
+    return native_bf16() and bf16_matmul_speedup() >= BF16_MIN_SPEEDUP
 
 
 def dropout_keep(shape: torch.Size, p: float, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
@@ -126,12 +161,13 @@ PRECISIONS = ("auto", "fp32", "bf16")  # the inference commands' --precision
 
 
 def use_bf16(precision: str, device: torch.device | str) -> bool:
-    """Whether an inference command runs under bf16 autocast: `--precision bf16`, or `auto` on a CPU with native
-    bf16 (what `train.py` trains and evaluates with there, so that `evaluate.py` reproduces its numbers)."""
+    """Whether an inference command runs under bf16 autocast: `--precision bf16`, or `auto` on a CPU where bf16
+    is faster (`bf16_is_faster`: what `train.py` trains and evaluates with there, so that `evaluate.py` reproduces
+    its numbers)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
-        return torch.device(device).type == "cpu" and native_bf16()
+        return torch.device(device).type == "cpu" and bf16_is_faster()
     return precision == "bf16"
 
 

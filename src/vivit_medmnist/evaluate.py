@@ -110,8 +110,8 @@ class EvaluateArguments:
     precision: Literal["auto", "fp32", "bf16"] = field(
         default="auto",
         metadata={
-            "help": "auto: bf16 autocast on a CPU with native bf16, as train.py evaluates there (so the numbers "
-            "reproduce its results), else float32."
+            "help": "auto: bf16 autocast on a CPU where it is faster (cpu_speed.bf16_is_faster), as train.py "
+            "evaluates there (so the numbers reproduce its results), else float32."
         },
     )
 

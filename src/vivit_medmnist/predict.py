@@ -89,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--precision",
         choices=PRECISIONS,
         default="auto",
-        help="auto (default): bf16 autocast on a CPU with native bf16, as train.py evaluates there; else fp32",
+        help="auto (default): bf16 autocast on a CPU where it is faster, as train.py evaluates there; else fp32",
     )
     args = parser.parse_args(argv)
     if args.top_k < 1:

@@ -195,7 +195,7 @@ TRAINING_ONLY_FIELDS = (
 def speed_up(model, device: torch.device) -> None:
     """The run's speed choices, made once here and never saved with the model. On a CPU:
     `cpu_speed.speed_up_for_cpu` (the `vivit_cpu` attention, the conv stem channels-last) and
-    `cpu_speed.keep_freed_memory`; bf16 autocast is `--bf16`, on by default where the CPU has native bf16
+    `cpu_speed.keep_freed_memory`; bf16 autocast is `--bf16`, on by default where bf16 is faster on this CPU
     (`arguments.build_parser`). On a GPU the model's default SDPA. Measured in benchmarks/README.md."""
     if device.type != "cpu":
         return
