@@ -533,15 +533,21 @@ def shifted(volume: np.ndarray, shift: tuple[int, int, int]) -> np.ndarray:
     return out
 
 
-def test_speed_choices_are_made_once_where_the_model_is_built_and_never_saved(tmp_path):
-    from vivit_medmnist.cpu_speed import CPU_ATTENTION
+def test_speed_choices_are_made_once_where_the_model_is_built_and_never_saved(tmp_path, caplog):
+    from vivit_medmnist.cpu_speed import CPU_ATTENTION, bf16_is_faster
     from vivit_medmnist.trainer_setup import speed_up
 
     model = build_model(ModelArguments(config_overrides=TINY_MODEL + ",conv_stem_channels=[8],tubelet_size=2"), ["a", "b"], 28)
     speed_up(model, torch.device("cuda"))  # a GPU keeps the model's default
     assert model.config._attn_implementation == "sdpa"
-    speed_up(model, torch.device("cpu"))
+    with caplog.at_level("INFO", logger="vivit_medmnist.trainer_setup"):
+        speed_up(model, torch.device("cpu"), bf16=bf16_is_faster())
+        speed_up(model, torch.device("cpu"), bf16=not bf16_is_faster())
     assert model.config._attn_implementation == CPU_ATTENTION
+    # the log says which precision the run computes in, and when --bf16 chose the slower one on this CPU
+    default, forced = (r.getMessage() for r in caplog.records if r.getMessage().startswith("CPU speed choices"))
+    assert default.endswith("bf16 autocast" if bf16_is_faster() else "float32")
+    assert "as --bf16 says" in forced and "as --bf16 says" not in default
     assert model.vivit.embeddings.tubelet_embeddings.conv_stem[0].weight.is_contiguous(
         memory_format=torch.channels_last_3d
     )

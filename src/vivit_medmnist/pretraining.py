@@ -134,7 +134,7 @@ def main(argv=None):
             data = load_data(run.data, image_processor, run.training.seed)
         set_seed(run.training.seed)
         model = build_pretraining_model(run, run.data.size)
-        speed_up(model, run.training.device)
+        speed_up(model, run.training.device, run.training.bf16)
         lock = lock_output_dir(run)
     except (ValueError, OSError) as err:
         finish_distributed(wait=False)

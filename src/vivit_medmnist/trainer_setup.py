@@ -192,19 +192,23 @@ TRAINING_ONLY_FIELDS = (
 )
 
 
-def speed_up(model, device: torch.device) -> None:
+def speed_up(model, device: torch.device, bf16: bool = False) -> None:
     """The run's speed choices, made once here and never saved with the model. On a CPU:
     `cpu_speed.speed_up_for_cpu` (the `vivit_cpu` attention, the conv stem channels-last) and
-    `cpu_speed.keep_freed_memory`; bf16 autocast is `--bf16`, on by default where bf16 is faster on this CPU
-    (`arguments.build_parser`). On a GPU the model's default SDPA. Measured in benchmarks/README.md."""
+    `cpu_speed.keep_freed_memory`; bf16 autocast is `bf16` (`--bf16`, on by default where bf16 is faster on this
+    CPU: `arguments.build_parser`), logged with the rest. On a GPU the model's default SDPA. Measured in
+    benchmarks/README.md."""
     if device.type != "cpu":
         return
-    from .cpu_speed import keep_freed_memory, speed_up_for_cpu
+    from .cpu_speed import bf16_is_faster, keep_freed_memory, speed_up_for_cpu
 
     changed = speed_up_for_cpu(model)
     if keep_freed_memory():
         changed.append("freed memory kept (glibc)")
-    logger.info(f"CPU speed choices: {', '.join(changed) or 'none'}")
+    precision = "bf16 autocast" if bf16 else "float32"
+    if bf16 != bf16_is_faster():
+        precision += " (as --bf16 says; the other precision is the faster on this CPU)"
+    logger.info(f"CPU speed choices: {', '.join(changed) or 'none'}, {precision}")
 
 
 def build_model(
