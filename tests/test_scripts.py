@@ -293,7 +293,7 @@ def test_predict_labels_npy_and_npz_like_a_direct_model_call(folder, tmp_path):
         "--output_file",
         output,
         "--precision",
-        "fp32",  # as the direct model call below (auto would use bf16 on a CPU with native bf16)
+        "fp32",  # as the direct model call below (auto would use bf16 on a CPU where it is faster)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = json.loads(output.read_text())

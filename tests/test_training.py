@@ -174,7 +174,7 @@ def test_ddp_two_processes_keep_the_loss_scale(shared_data_dir, tmp_path, encode
     # process, multiplied by the world size) doubles the loss; two processes that each train alone log
     # world_size=1. The second case also mixes volumes (mixup and cutmix, vivit_medmnist.mixing), whose loss the
     # Trainer takes from compute_loss_func and scales by its own rule.
-    # float32: bf16 (the default on a CPU with native bf16) rounds the two runs' sums differently
+    # float32: bf16 (the default on a CPU where it is faster) rounds the two runs' sums differently
     common = ["--config_overrides", f"{TINY_MODEL},attention_probs_dropout_prob=0,encoder_type={encoder_type}",
               "--num_train_epochs", "1", *mixing,
               "--eval_strategy", "epoch", "--save_strategy", "epoch", "--bf16", "false"]  # fmt: skip
