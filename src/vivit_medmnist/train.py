@@ -54,7 +54,8 @@ def main(argv=None):
         label_names = data["train"].features["label"].names
         set_seed(run.training.seed)  # before the model is made: its initial weights depend on it
         model = build_model(run.model, label_names, run.data.size, run.recipe_override_keys)
-        speed_up(model, run.training.device, run.training.bf16)  # decided once, here, never saved: see trainer_setup.speed_up
+        # the speed choices: decided once, here, never saved (trainer_setup.speed_up)
+        speed_up(model, run.training.device, run.training.bf16)
         lock = lock_output_dir(run)  # a second run on this folder is refused while this one goes on
     except (ValueError, OSError) as err:
         finish_distributed(wait=False)
