@@ -9,6 +9,13 @@ right would show one. For each model folder written by `train.py`, this takes it
 model with those confidences on as many volumes as the test split holds (`calibration.ece_of_a_calibrated_model`,
 2,000 draws): the mean ECE and its 5th-95th percentiles. Beside it, the test ECE that `train.py` recorded at the end
 of the run (`test_results.json`, read from the file: the test split is not read again).
+
+That floor takes the temperature as known. `train.py` fits it on the validation split, a few dozen to a few
+hundred volumes, and a temperature that is off moves every test probability at once. The second simulation
+(`calibration.ece_after_a_fitted_temperature`, `--protocol_draws` draws) is the floor of that whole protocol: a
+model that the run's own temperature makes exactly right, on volumes drawn from its validation logits, a
+temperature fitted on as many such volumes as the validation split holds, the ECE on as many as the test split
+holds; it reports the spread of the fitted temperatures too.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import torch
 from vivit_medmnist import VivitMedmnistForVideoClassification
 from vivit_medmnist.calibration import (
     calibrated_probabilities,
+    ece_after_a_fitted_temperature,
     ece_of_a_calibrated_model,
     expected_calibration_error,
 )
@@ -50,6 +58,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--dataset_name", default="adrenalmnist3d")
     parser.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--draws", type=int, default=2000)
+    parser.add_argument("--protocol_draws", type=int, default=500, help="draws of the fitted-temperature floor")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
@@ -65,6 +74,10 @@ def main(argv=None) -> dict:
             probabilities = calibrated_probabilities(logits, t)
             row[f"validation_ece_{name}"] = expected_calibration_error(probabilities, labels)
             row[f"floor_{name}"] = ece_of_a_calibrated_model(probabilities, test_volumes, draws=args.draws)
+        if temperature:
+            row["floor_fitted_temperature"] = ece_after_a_fitted_temperature(
+                logits, temperature, len(labels), test_volumes, draws=args.protocol_draws
+            )
         recorded = folder / "test_results.json"
         if recorded.is_file():
             results = json.loads(recorded.read_text())
@@ -80,6 +93,14 @@ def main(argv=None) -> dict:
                     f"{row.get(f'recorded_test_ece_{name}')}",
                     flush=True,
                 )
+        if "floor_fitted_temperature" in row:
+            floor = row["floor_fitted_temperature"]
+            print(
+                f"{folder} (T fitted on {len(labels)} volumes, as train.py does): the ECE it leaves on {test_volumes} "
+                f"{floor['mean']:.3f} [{floor['p5']:.3f}, {floor['p95']:.3f}]; fitted T "
+                f"[{floor['temperature_p5']:.3f}, {floor['temperature_p95']:.3f}]",
+                flush=True,
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report

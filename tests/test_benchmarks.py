@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 
@@ -147,7 +148,7 @@ def test_overhead_benchmark_tiny(repo_root, shared_data_dir, tmp_path):
     assert 0 < report["overhead_fraction"] < 1
 
 
-def test_transfer_check_scores_a_stem_model_before_and_after_scaling(repo_root, shared_data_dir, tmp_path):
+def test_transfer_check_scores_a_stem_model_before_and_after_scaling(repo_root, shared_data_dir, tmp_path, capsys):
     import torch
 
     from vivit_medmnist import VivitMedmnistConfig, VivitMedmnistForVideoClassification
@@ -173,6 +174,14 @@ def test_transfer_check_scores_a_stem_model_before_and_after_scaling(repo_root, 
         assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["auc"] <= 1.0
     # interpolating at run time and transferring without rescaling are the same model
     assert results["interpolate"] == results["transfer"]
+    # --only: the one variant a rule chose, scored alike; a name the model has not is refused
+    script = runpy.run_path(str(repo_root / "benchmarks" / "transfer_check.py"), run_name="transfer_check")
+    args = ["--model", str(tmp_path / "model"), "--data_dir", str(shared_data_dir)]
+    only = script["main"]([*args, "--only", "transfer_stem_scale_2_trilinear"])["results"]
+    assert only == {"transfer_stem_scale_2_trilinear": results["transfer_stem_scale_2_trilinear"]}
+    with pytest.raises(SystemExit):
+        script["main"]([*args, "--only", "transfer_stem_scale_3"])
+    assert "--only takes" in capsys.readouterr().err
 
 
 def test_cpu_speed_benchmark_tiny(repo_root, tmp_path):

@@ -14,6 +14,7 @@ from vivit_medmnist import VivitMedmnistConfig, VivitMedmnistForVideoClassificat
 from vivit_medmnist.calibration import (
     brier_score,
     calibrated_probabilities,
+    ece_after_a_fitted_temperature,
     ece_of_a_calibrated_model,
     expected_calibration_error,
     fit_temperature,
@@ -196,6 +197,20 @@ def test_the_ece_of_a_calibrated_model_is_sampling_noise_that_shrinks_with_the_s
     assert 0.03 < small["p5"] < small["mean"] < small["p95"] and large["mean"] < 0.01
     certain = np.tile([1.0, 0.0], (10, 1))  # always right with confidence 1: no noise at all
     assert ece_of_a_calibrated_model(certain, 100, draws=20)["p95"] == 0.0
+
+
+def test_a_temperature_fitted_on_a_small_split_adds_its_own_noise_to_the_ece():
+    logits = np.random.default_rng(2).normal(0, 2.0, (400, 3))
+    temperature = 0.8  # the model is right after T = 0.8, under-confident without it
+    known = ece_of_a_calibrated_model(calibrated_probabilities(logits, temperature), 300, draws=300)
+    many = ece_after_a_fitted_temperature(logits, temperature, 20000, 300, draws=40, seed=1)
+    few = ece_after_a_fitted_temperature(logits, temperature, 30, 300, draws=300, seed=1)
+    # 20,000 validation volumes pin T down: the labels were drawn from softmax(logits / 0.8)
+    assert 0.77 < many["temperature_p5"] < temperature < many["temperature_p95"] < 0.83
+    assert many["mean"] == pytest.approx(known["mean"], abs=0.006)
+    # 30 volumes do not: a wide spread of T, and a larger test ECE than the known temperature leaves
+    assert few["temperature_p5"] < 0.7 and few["temperature_p95"] > 0.9
+    assert few["mean"] > known["mean"] + 0.01 and few["p5"] <= few["mean"] <= few["p95"]
 
 
 def test_metrics_report_ece_and_brier():

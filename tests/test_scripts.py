@@ -120,13 +120,18 @@ def test_calibration_floor_reads_validation_and_the_recorded_test_ece(trained, s
     import runpy
 
     script = runpy.run_path(str(REPO_ROOT / "benchmarks" / "calibration_floor.py"), run_name="calibration_floor")
-    report = script["main"](["--models", str(trained), "--data_dir", str(shared_data_dir), "--draws", "20"])
+    report = script["main"](
+        ["--models", str(trained), "--data_dir", str(shared_data_dir), "--draws", "20", "--protocol_draws", "10"]
+    )
     row = report["models"][str(trained)]
     recorded = json.loads((trained / "test_results.json").read_text())
     assert row["test_volumes"] == 298 and row["recorded_test_ece_raw"] == recorded["test_ece"]
     assert row["temperature"] == json.loads((trained / "config.json").read_text())["calibration_temperature"]
     for name in ("raw", "scaled"):
         assert 0 <= row[f"floor_{name}"]["p5"] <= row[f"floor_{name}"]["mean"] <= row[f"floor_{name}"]["p95"] < 1
+    protocol = row["floor_fitted_temperature"]  # T fitted on the 98 validation volumes' simulated labels
+    assert 0 <= protocol["p5"] <= protocol["mean"] <= protocol["p95"] < 1
+    assert 0 < protocol["temperature_p5"] <= protocol["temperature_p95"]
 
 
 def test_evaluate_reproduces_the_training_runs_test_results(trained, shared_data_dir, tmp_path):
