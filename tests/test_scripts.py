@@ -134,6 +134,20 @@ def test_calibration_floor_reads_validation_and_the_recorded_test_ece(trained, s
     assert 0 < protocol["temperature_p5"] <= protocol["temperature_p95"]
 
 
+def test_the_run_records_the_ece_floor_of_its_splits_and_the_card_says_it(trained):
+    recorded = json.loads((trained / "eval_results.json").read_text())  # from the validation split and sizes
+    temperature = json.loads((trained / "config.json").read_text())["calibration_temperature"]
+    assert recorded["calibration_validation_volumes"] == 98  # T was fitted on the whole validation split
+    assert 0 < recorded["calibration_ece_floor"] < recorded["calibration_ece_floor_p95"] < 1
+    # the simulated model is exactly right after the run's own T: the refitted ones spread around it (this tiny
+    # model's T sits at fit_temperature's bound of 20, and so do most refits: hence the 0.1 % of slack)
+    low, high = recorded["calibration_temperature_p5"], recorded["calibration_temperature_p95"]
+    assert low < high and low <= temperature * 1.001 and temperature <= high * 1.001
+    card = (trained / "README.md").read_text()
+    floor = f"would show\na test ECE of {recorded['calibration_ece_floor']:.4f}".rstrip("0")
+    assert "with T fitted on 98 validation volumes as here" in card and floor in card, card
+
+
 def test_evaluate_reproduces_the_training_runs_test_results(trained, shared_data_dir, tmp_path):
     expected = json.loads((trained / "test_results.json").read_text())
     assert {"test_accuracy", "test_auc", "test_loss"} <= set(expected)

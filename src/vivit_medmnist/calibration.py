@@ -22,6 +22,7 @@ from scipy.special import log_softmax, softmax
 
 __all__ = [
     "ECE_BINS",
+    "FLOOR_DRAWS",
     "brier_score",
     "calibrate",
     "calibrated_metrics",
@@ -174,14 +175,32 @@ def calibrated_probabilities(logits: np.ndarray, temperature: float | None) -> n
     return softmax(np.asarray(logits, dtype=np.float64) / (temperature or 1.0), axis=-1)
 
 
+FLOOR_DRAWS = 200  # simulated (validation, test) pairs behind the floor train.py records: about a second
+
+
 def calibrate(config, validation, test) -> tuple[dict, dict]:
     """Fit the temperature on the validation predictions (`Trainer.predict` outputs), store it in `config`
     (`calibration_temperature`), and return the calibrated ECE and Brier score of validation (where T was
     fitted: optimistic) and of test (held out), as `eval_calibrated_*` and `test_calibrated_*` metrics; the
-    temperature is in both."""
-    temperature = fit_temperature(_logits(validation.predictions), validation.label_ids)
+    temperature is in both. With the validation metrics (it reads no test volume, only the test split's size),
+    what the split sizes allow (`ece_after_a_fitted_temperature`): `calibration_ece_floor` and
+    `calibration_ece_floor_p95`, the test ECE that a model one temperature makes exactly right would show with T
+    fitted on as many volumes, and `calibration_temperature_p5` / `_p95`, the spread of T so fitted."""
+    logits = _logits(validation.predictions)
+    temperature = fit_temperature(logits, validation.label_ids)
     config.calibration_temperature = temperature
-    return calibrated_metrics(validation, temperature, "eval"), calibrated_metrics(test, temperature, "test")
+    floor = ece_after_a_fitted_temperature(
+        logits, temperature, len(logits), len(_logits(test.predictions)), draws=FLOOR_DRAWS
+    )
+    validation_metrics = {
+        **calibrated_metrics(validation, temperature, "eval"),
+        "calibration_ece_floor": floor["mean"],
+        "calibration_ece_floor_p95": floor["p95"],
+        "calibration_temperature_p5": floor["temperature_p5"],
+        "calibration_temperature_p95": floor["temperature_p95"],
+        "calibration_validation_volumes": len(logits),
+    }
+    return validation_metrics, calibrated_metrics(test, temperature, "test")
 
 
 def calibrated_metrics(output, temperature: float, prefix: str) -> dict[str, float]:

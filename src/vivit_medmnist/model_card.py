@@ -112,6 +112,23 @@ def _split_metrics(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     return by_split
 
 
+_FLOOR_KEYS = (
+    "calibration_ece_floor",
+    "calibration_ece_floor_p95",
+    "calibration_temperature_p5",
+    "calibration_temperature_p95",
+    "calibration_validation_volumes",
+)
+
+
+def _calibration_floor(results: Mapping[str, Any]) -> dict[str, str | None]:
+    """The ECE floor `calibration.calibrate` records with the test metrics, formatted for the card's calibration
+    section (`calibration_ece_floor` None where the run has none: an older run, or no temperature)."""
+    if not all(key in results for key in _FLOOR_KEYS):
+        return {"calibration_ece_floor": None}
+    return {key: _format(results[key]) for key in _FLOOR_KEYS}
+
+
 def _format(value: Any) -> str:
     if isinstance(value, enum.Enum):  # TrainingArguments' OptimizerNames, SchedulerType, ...
         value = value.value
@@ -368,6 +385,7 @@ def build_model_card(
         results_splits=splits,
         results_rows=results_rows,
         calibration_temperature=_format(temperature) if (temperature := model.config.calibration_temperature) else None,
+        **_calibration_floor(results),
         test_ece=_format(by_split["test"].get("ece", math.nan)),
         test_calibrated_ece=_format(by_split["test"].get("calibrated_ece", math.nan)),
         gallery_method=gallery_method,
