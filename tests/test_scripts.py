@@ -143,8 +143,8 @@ def test_the_run_records_the_ece_floor_of_its_splits_and_the_card_says_it(traine
     # model's T sits at fit_temperature's bound of 20, and so do most refits: hence the 0.1 % of slack)
     low, high = recorded["calibration_temperature_p5"], recorded["calibration_temperature_p95"]
     assert low < high and low <= temperature * 1.001 and temperature <= high * 1.001
-    card = (trained / "README.md").read_text()
-    floor = f"would show\na test ECE of {recorded['calibration_ece_floor']:.4f}".rstrip("0")
+    card = " ".join((trained / "README.md").read_text().split())  # the template's line breaks aside
+    floor = f"would show a test ECE of {recorded['calibration_ece_floor']:.4f}".rstrip("0")
     assert "with T fitted on 98 validation volumes as here" in card and floor in card, card
 
 

@@ -122,7 +122,7 @@ _FLOOR_KEYS = (
 
 
 def _calibration_floor(results: Mapping[str, Any]) -> dict[str, str | None]:
-    """The ECE floor `calibration.calibrate` records with the test metrics, formatted for the card's calibration
+    """The ECE floor `calibration.calibrate` records with the validation metrics, formatted for the card's calibration
     section (`calibration_ece_floor` None where the run has none: an older run, or no temperature)."""
     if not all(key in results for key in _FLOOR_KEYS):
         return {"calibration_ece_floor": None}
