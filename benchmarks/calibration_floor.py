@@ -12,8 +12,8 @@ of the run (`test_results.json`, read from the file: the test split is not read 
 
 That floor takes the temperature as known. `train.py` fits it on the validation split, a few dozen to a few
 hundred volumes, and a temperature that is off moves every test probability at once. The second simulation
-(`calibration.ece_after_a_fitted_temperature`, `--protocol_draws` draws) is the floor of that whole protocol: a
-model that the run's own temperature makes exactly right, on volumes drawn from its validation logits, a
+(`calibration.ece_after_a_fitted_temperature`, `--protocol_draws` draws) is the floor of that whole protocol:
+a model that the run's own temperature makes exactly right, on volumes drawn from its validation logits, a
 temperature fitted on as many such volumes as the validation split holds, the ECE on as many as the test split
 holds; it reports the spread of the fitted temperatures too.
 """
@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--dataset_name", default="adrenalmnist3d")
     parser.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--draws", type=int, default=2000)
-    parser.add_argument("--protocol_draws", type=int, default=500, help="draws of the fitted-temperature floor")
+    parser.add_argument("--protocol_draws", type=int, default=500, help="draws of the fitted-T floor")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
@@ -96,8 +96,8 @@ def main(argv=None) -> dict:
         if "floor_fitted_temperature" in row:
             floor = row["floor_fitted_temperature"]
             print(
-                f"{folder} (T fitted on {len(labels)} volumes, as train.py does): the ECE it leaves on {test_volumes} "
-                f"{floor['mean']:.3f} [{floor['p5']:.3f}, {floor['p95']:.3f}]; fitted T "
+                f"{folder} (T fitted on {len(labels)} volumes, as train.py does): the ECE it leaves on "
+                f"{test_volumes} {floor['mean']:.3f} [{floor['p5']:.3f}, {floor['p95']:.3f}]; fitted T "
                 f"[{floor['temperature_p5']:.3f}, {floor['temperature_p95']:.3f}]",
                 flush=True,
             )

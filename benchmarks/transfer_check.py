@@ -9,13 +9,15 @@ For a saved 28³ model folder, scores on the 64³ release of its data set (`<nam
 - `transfer`: `transfer_resolution(model, 64)` with the saved tubelets and stem as they are;
 - `transfer_stem_scale_2` (models with a conv stem): `transfer_resolution(model, 64, conv_stem_scale=2)`, the
   transfer `recipes/medmnist3d_64_finetune.yaml` makes, with the kernel resize by trilinear and by nearest.
-Each gives accuracy and AUC (the package's metrics). No test split is read unless asked for with `--split test`;
-`--only NAME ...` scores only those variants (a test split read for the one model a rule chose, not for all).
+Each gives accuracy and AUC (the package's metrics). No test split is read unless asked for with `--split
+test`; `--only NAME ...` scores only those variants (a test split read for the one model a rule chose, not for
+all).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -67,9 +69,11 @@ def main(argv=None) -> dict:
     }
     if model.config.conv_stem_channels:
         for interpolation in ("trilinear", "nearest"):
-            variants[f"transfer_stem_scale_2_{interpolation}"] = lambda interpolation=interpolation: score(
-                transfer_resolution(model, 64, conv_stem_scale=2, kernel_interpolation=interpolation), x64, y64
+            scaled = functools.partial(
+                transfer_resolution, model, 64, conv_stem_scale=2, kernel_interpolation=interpolation
             )
+            name = f"transfer_stem_scale_2_{interpolation}"
+            variants[name] = lambda scaled=scaled: score(scaled(), x64, y64)
     unknown = sorted(set(args.only or ()) - set(variants))
     if unknown:
         parser.error(f"--only takes {sorted(variants)} for this model, got {unknown}")

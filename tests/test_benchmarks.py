@@ -148,7 +148,9 @@ def test_overhead_benchmark_tiny(repo_root, shared_data_dir, tmp_path):
     assert 0 < report["overhead_fraction"] < 1
 
 
-def test_transfer_check_scores_a_stem_model_before_and_after_scaling(repo_root, shared_data_dir, tmp_path, capsys):
+def test_transfer_check_scores_a_stem_model_before_and_after_scaling(
+    repo_root, shared_data_dir, tmp_path, capsys
+):
     import torch
 
     from vivit_medmnist import VivitMedmnistConfig, VivitMedmnistForVideoClassification

@@ -120,9 +120,8 @@ def test_calibration_floor_reads_validation_and_the_recorded_test_ece(trained, s
     import runpy
 
     script = runpy.run_path(str(REPO_ROOT / "benchmarks" / "calibration_floor.py"), run_name="calibration_floor")
-    report = script["main"](
-        ["--models", str(trained), "--data_dir", str(shared_data_dir), "--draws", "20", "--protocol_draws", "10"]
-    )
+    args = ["--models", str(trained), "--data_dir", str(shared_data_dir), "--draws", "20"]
+    report = script["main"]([*args, "--protocol_draws", "10"])
     row = report["models"][str(trained)]
     recorded = json.loads((trained / "test_results.json").read_text())
     assert row["test_volumes"] == 298 and row["recorded_test_ece_raw"] == recorded["test_ece"]
@@ -139,8 +138,8 @@ def test_the_run_records_the_ece_floor_of_its_splits_and_the_card_says_it(traine
     temperature = json.loads((trained / "config.json").read_text())["calibration_temperature"]
     assert recorded["calibration_validation_volumes"] == 98  # T was fitted on the whole validation split
     assert 0 < recorded["calibration_ece_floor"] < recorded["calibration_ece_floor_p95"] < 1
-    # the simulated model is exactly right after the run's own T: the refitted ones spread around it (this tiny
-    # model's T sits at fit_temperature's bound of 20, and so do most refits: hence the 0.1 % of slack)
+    # the simulated model is exactly right after the run's own T: the refitted ones spread around it (this
+    # tiny model's T sits at fit_temperature's bound of 20, and so do most refits: hence the 0.1 % of slack)
     low, high = recorded["calibration_temperature_p5"], recorded["calibration_temperature_p95"]
     assert low < high and low <= temperature * 1.001 and temperature <= high * 1.001
     card = " ".join((trained / "README.md").read_text().split())  # the template's line breaks aside

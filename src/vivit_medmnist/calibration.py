@@ -118,10 +118,10 @@ def ece_after_a_fitted_temperature(
 ) -> dict[str, float]:
     """The test ECE that temperature scaling leaves when its temperature is fitted on `validation_volumes`
     volumes, for a model that one temperature makes exactly right: volumes are drawn (with replacement) from
-    `logits` (N, classes), each volume's label is drawn from `softmax(logits / temperature)` (so `temperature` is
-    the right one by construction), T is fitted on a validation set of `validation_volumes` such volumes
-    (`fit_temperature`) and the ECE of `softmax(logits / T)` is measured on a test set of `test_volumes`. This is
-    `ece_of_a_calibrated_model`'s noise plus that of a temperature fitted on a small split: the floor of
+    `logits` (N, classes), each volume's label is drawn from `softmax(logits / temperature)` (so `temperature`
+    is the right one by construction), T is fitted on a validation set of `validation_volumes` such volumes
+    (`fit_temperature`) and the ECE of `softmax(logits / T)` is measured on a test set of `test_volumes`. This
+    is `ece_of_a_calibrated_model`'s noise plus that of a temperature fitted on a small split: the floor of
     train.py's protocol. Returns the mean and the 5th and 95th percentiles of the ECE over `draws` simulated
     pairs of splits, and the 5th and 95th percentiles of the fitted T."""
     logits = np.asarray(logits, dtype=np.float64)
@@ -130,7 +130,8 @@ def ece_after_a_fitted_temperature(
 
     def draw(volumes: int) -> tuple[np.ndarray, np.ndarray]:
         index = rng.integers(0, len(logits), volumes)
-        labels = (rng.random((volumes, 1)) > right[index].cumsum(-1)).sum(-1)  # one draw from each row's softmax
+        # one draw from each row's softmax: the number of cumulative probabilities below a uniform number
+        labels = (rng.random((volumes, 1)) > right[index].cumsum(-1)).sum(-1)
         return logits[index], np.minimum(labels, logits.shape[-1] - 1)  # (rounding can leave the cumsum < 1)
 
     eces, fitted = [], []
@@ -184,8 +185,8 @@ def calibrate(config, validation, test) -> tuple[dict, dict]:
     fitted: optimistic) and of test (held out), as `eval_calibrated_*` and `test_calibrated_*` metrics; the
     temperature is in both. With the validation metrics (it reads no test volume, only the test split's size),
     what the split sizes allow (`ece_after_a_fitted_temperature`): `calibration_ece_floor` and
-    `calibration_ece_floor_p95`, the test ECE that a model one temperature makes exactly right would show with T
-    fitted on as many volumes, and `calibration_temperature_p5` / `_p95`, the spread of T so fitted."""
+    `calibration_ece_floor_p95`, the test ECE that a model one temperature makes exactly right would show with
+    T fitted on as many volumes, and `calibration_temperature_p5` / `_p95`, the spread of T so fitted."""
     logits = _logits(validation.predictions)
     temperature = fit_temperature(logits, validation.label_ids)
     config.calibration_temperature = temperature

@@ -122,8 +122,9 @@ _FLOOR_KEYS = (
 
 
 def _calibration_floor(results: Mapping[str, Any]) -> dict[str, str | None]:
-    """The ECE floor `calibration.calibrate` records with the validation metrics, formatted for the card's calibration
-    section (`calibration_ece_floor` None where the run has none: an older run, or no temperature)."""
+    """The ECE floor `calibration.calibrate` records with the validation metrics, formatted for the card's
+    calibration section (`calibration_ece_floor` None where the run has none: an older run, or no
+    temperature)."""
     if not all(key in results for key in _FLOOR_KEYS):
         return {"calibration_ece_floor": None}
     return {key: _format(results[key]) for key in _FLOOR_KEYS}
