@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from forked_runs import run_forked
 from huggingface_hub.errors import StrictDataclassFieldValidationError
 
 from vivit_medmnist import (
@@ -185,27 +185,11 @@ def test_synthetic_tubes_are_balanced_binary_masks_whose_classes_differ_by_a_bul
 
 def test_synthetic_benchmark_runs_and_reports_fit_and_validation(repo_root, tmp_path):
     out = tmp_path / "synthetic.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(repo_root / "benchmarks" / "synthetic.py"),
-            "--options",
-            "reference",
-            "stem3",
-            "--epochs",
-            "1",
-            "--train",
-            "32",
-            "--val",
-            "16",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    done = run_forked(  # a process of its own, forked from the suite's fork server (tests/forked_runs.py)
+        [repo_root / "benchmarks" / "synthetic.py", "--options", "reference", "stem3", "--epochs", "1",
+         "--train", "32", "--val", "16", "--json", out],
+        tmp_path / "logs" / "synthetic", timeout=600,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert 0.0 <= report["count_baseline_val_auc"] <= 1.0

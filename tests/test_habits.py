@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -244,9 +242,8 @@ def test_predict_refuses_a_raw_hounsfield_nifti_and_resizes_npy_only_when_asked(
 
 
 def test_predict_help_says_what_medmnist_did_to_its_volumes():
-    text = subprocess.run(
-        [sys.executable, str(Path(__file__).parents[1] / "scripts" / "predict.py"), "--help"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+    proc = run_script("predict", "--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout
     flat = " ".join(text.split())
     assert "What MedMNIST did to its volumes, which yours must match" in flat and ".nii.gz" in flat

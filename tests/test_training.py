@@ -13,12 +13,14 @@ import runpy
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from forked_runs import run_forked
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForVideoClassification, TrainerState
 
@@ -66,8 +68,13 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 400) -> subpro
     )
 
 
-def train(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    result = run([sys.executable, str(TRAIN), *args], **kwargs)
+def train(args: list[str], fresh: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """scripts/train.py ARGS in a new interpreter, or (`fresh=False`) forked from the suite's fork server."""
+    if fresh:
+        result = run([sys.executable, str(TRAIN), *args], **kwargs)
+    else:
+        with tempfile.TemporaryDirectory() as logs:
+            result = run_forked([str(TRAIN), *args], Path(logs) / "train", timeout=400, **kwargs)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -189,7 +196,7 @@ def test_ddp_two_processes_keep_the_loss_scale(shared_data_dir, tmp_path, encode
     assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
     assert "world_size=2 device=cpu" in ddp.stdout
     assert (ddp_dir / "test_results.json").is_file()
-    train(tiny_run_args(shared_data_dir, single_dir) + common)
+    train(tiny_run_args(shared_data_dir, single_dir) + common, fresh=False)
 
     def losses(output_dir):
         entries = [entry for entry in log_history(output_dir) if "loss" in entry]
@@ -213,11 +220,9 @@ def train_main():
 
 
 def test_missing_data_offline_exits_with_the_message(tmp_path):
-    result = run(
-        [sys.executable, str(TRAIN), "--dataset_name", "adrenalmnist3d", "--data_dir", str(tmp_path),
-         "--output_dir", str(tmp_path / "out")],
-        env={"HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+    argv = [str(TRAIN), "--dataset_name", "adrenalmnist3d", "--data_dir", str(tmp_path), "--output_dir",
+            str(tmp_path / "out")]  # fmt: skip
+    result = run_forked(argv, tmp_path / "logs" / "train", timeout=400, env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 1
     assert "error: adrenalmnist3d.npz not found" in result.stderr and "offline" in result.stderr
     assert "Traceback" not in result.stderr
