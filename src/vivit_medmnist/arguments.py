@@ -63,6 +63,14 @@ class RunOptions:
             "as the model (vivit_medmnist.weight_average); default: the last weights."
         },
     )
+    sam_rho: float | None = field(
+        default=None,
+        metadata={
+            "help": "Sharpness-aware minimisation with this radius (e.g. 0.05): each step takes the gradient at "
+            "the worst point within RHO of the weights (vivit_medmnist.sharpness_aware); twice a step's cost. "
+            "Default: plain steps."
+        },
+    )
 
 
 @dataclass
@@ -249,6 +257,7 @@ class RunArguments(NamedTuple):
     overwrite_output_dir: bool = False  # the user allows replacing a finished model in output_dir
     recipe_override_keys: frozenset[str] = frozenset()  # config_overrides keys set by the recipe alone
     weight_average_decay: float | None = None  # an exponential moving average of the weights is the model
+    sam_rho: float | None = None  # sharpness-aware minimisation's radius
     extra: Any = None  # the options of another command's `extra_options` dataclass (parse_args), if any
 
 
@@ -317,6 +326,14 @@ def parse_args(
             parser.error(f"--weight_average_decay must be in (0, 1), got {options.weight_average_decay}")
         if training_args.load_best_model_at_end:
             parser.error("--weight_average_decay keeps the averaged weights: it cannot go with --load_best_model_at_end")
+    if options.sam_rho is not None:
+        if not options.sam_rho > 0:
+            parser.error(f"--sam_rho must be positive, got {options.sam_rho}")
+        if training_args.gradient_accumulation_steps != 1:
+            parser.error(
+                "--sam_rho takes its ascent step on a whole batch's gradient: it needs "
+                f"--gradient_accumulation_steps 1, got {training_args.gradient_accumulation_steps}"
+            )
     if missing := _missing_integrations(training_args.report_to):
         parser.error(
             f"--report_to {' '.join(missing)}: not installed; pip install 'vivit-medmnist[{missing[0]}]' "
@@ -347,6 +364,7 @@ def parse_args(
         options.overwrite_output_dir,
         frozenset(from_recipe.keys() - from_command_line.keys()),
         options.weight_average_decay,
+        options.sam_rho,
         extra[0] if extra else None,
     )
 

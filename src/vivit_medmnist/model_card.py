@@ -417,7 +417,11 @@ def training_summary(
         "batch size (per device x devices x accumulation)": (
             f"{args.per_device_train_batch_size} x {args.world_size} x {args.gradient_accumulation_steps}"
         ),
-        "optimizer": args.optim,
+        "optimizer": (
+            f"{getattr(args.optim, 'value', args.optim)}, sharpness-aware (rho {run.sam_rho})"
+            if run.sam_rho
+            else args.optim
+        ),
         "learning rate": args.learning_rate,
         "adam betas / epsilon": f"{args.adam_beta1}, {args.adam_beta2} / {args.adam_epsilon}",
         "weight decay": args.weight_decay,

@@ -111,6 +111,8 @@ def refused_options(run) -> str | None:
         return "--mixup_alpha / --cutmix_alpha mix labels, which pretraining does not read"
     if run.weight_average_decay is not None:
         return "--weight_average_decay is not available for pretraining"
+    if run.sam_rho is not None:
+        return "--sam_rho is not available for pretraining"
     if run.training.eval_strategy != "no" or run.training.load_best_model_at_end:
         return (
             f"--eval_strategy {run.training.eval_strategy.value}: pretraining has no validation metric (the "

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import sys
@@ -45,6 +46,7 @@ from .modeling_vivit_medmnist import VivitMedmnistForVideoClassification
 from .publishing import publishable_files
 from .resolution import transfer_resolution
 from .safe_io import is_inside, lock_folder, same_path
+from .sharpness_aware import SharpnessAwareTrainer
 from .weight_average import AVERAGE_FILE, WeightAverage
 
 logger = logging.getLogger(__name__)
@@ -326,7 +328,7 @@ def build_trainer(
 ) -> Trainer:
     """The Trainer of a run: augmented (and with `--mixup_alpha` / `--cutmix_alpha` mixed) training data, the
     collator, MedMNIST's metrics, and the callbacks (the epoch for the augmentation; the weight average with
-    `--weight_average_decay`, resumed from `checkpoint`)."""
+    `--weight_average_decay`, resumed from `checkpoint`); a sharpness-aware Trainer with `--sam_rho`."""
     mixing = run.data.mixing()
     train = AugmentedDataset(
         data["train"], run.training.seed, mixing, model.config.num_labels, **run.data.augmentation()
@@ -337,7 +339,9 @@ def build_trainer(
     # the stored volumes are preprocessed already (uint8 at the model's size): the collator only scales them;
     # the saved processor (`image_processor`) is what raw volumes go through at inference
     stored = VivitMedmnistImageProcessor() if run.data.own_volumes() else image_processor
-    return Trainer(
+    # with --sam_rho every step is a sharpness-aware one (two forward and backward passes)
+    trainer_class = functools.partial(SharpnessAwareTrainer, sam_rho=run.sam_rho) if run.sam_rho else Trainer
+    return trainer_class(
         model=model,
         args=run.training,
         train_dataset=train,
