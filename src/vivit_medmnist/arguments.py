@@ -66,9 +66,9 @@ class RunOptions:
     sam_rho: float | None = field(
         default=None,
         metadata={
-            "help": "Sharpness-aware minimisation with this radius (e.g. 0.05): each step takes the gradient at "
-            "the worst point within RHO of the weights (vivit_medmnist.sharpness_aware); twice a step's cost. "
-            "Default: plain steps."
+            "help": "Sharpness-aware minimisation with this radius (e.g. 0.05): each step takes the gradient "
+            "at the worst point within RHO of the weights (vivit_medmnist.sharpness_aware); twice a step's "
+            "cost. Default: plain steps."
         },
     )
 

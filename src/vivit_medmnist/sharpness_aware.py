@@ -2,13 +2,15 @@
 
 Each step computes the gradient g at the weights w, moves to the worst nearby point w + rho * g / ||g|| (one
 ascent step inside a ball of radius rho), computes the gradient there, returns to w, and lets the run's own
-optimizer (AdamW, with its clipping and schedule) step with that second gradient. Chen et al. (ICLR 2022, "When
-Vision Transformers Outperform ResNets without Pretraining or Strong Data Augmentations") found it the lever that
-lets a ViT trained from scratch on little data generalise. A step costs two forward and backward passes.
+optimizer (AdamW, with its clipping and schedule) step with that second gradient. Chen et al. (ICLR 2022,
+"When Vision Transformers Outperform ResNets without Pretraining or Strong Data Augmentations") found it the
+lever that lets a ViT trained from scratch on little data generalise. A step costs two forward and backward
+passes.
 
 No library of the ecosystem has SAM for the `Trainer`; this is the paper's algorithm on top of
-`Trainer.training_step`, so mixed precision, label smoothing, mixing's loss and DDP (the gradient each process
-sees is the averaged one, as the paper's distributed version uses) stay the Trainer's.
+`Trainer.training_step`, so mixed precision, label smoothing and mixing's loss stay the Trainer's. Under DDP
+the ascent uses the gradient averaged over the processes (the whole batch's), where Foret et al. took each
+device's own ("m-sharpness").
 """
 
 from __future__ import annotations
