@@ -60,12 +60,12 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     model = VivitMedmnistForVideoClassification.from_pretrained(args.model).eval()
-    x28, y28 = volumes_and_labels(args.dataset_name, 28, args.data_dir, args.split)
-    x64, y64 = volumes_and_labels(args.dataset_name, 64, args.data_dir, args.split)
+    # each size is read when a chosen variant first needs it (`--only` reads nothing it does not score)
+    data = functools.cache(lambda size: volumes_and_labels(args.dataset_name, size, args.data_dir, args.split))
     variants = {
-        "at_28": lambda: score(model, x28, y28),
-        "interpolate": lambda: score(model, x64, y64, interpolate_pos_encoding=True),
-        "transfer": lambda: score(transfer_resolution(model, 64), x64, y64),
+        "at_28": lambda: score(model, *data(28)),
+        "interpolate": lambda: score(model, *data(64), interpolate_pos_encoding=True),
+        "transfer": lambda: score(transfer_resolution(model, 64), *data(64)),
     }
     if model.config.conv_stem_channels:
         for interpolation in ("trilinear", "nearest"):
@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
                 transfer_resolution, model, 64, conv_stem_scale=2, kernel_interpolation=interpolation
             )
             name = f"transfer_stem_scale_2_{interpolation}"
-            variants[name] = lambda scaled=scaled: score(scaled(), x64, y64)
+            variants[name] = lambda scaled=scaled: score(scaled(), *data(64))
     unknown = sorted(set(args.only or ()) - set(variants))
     if unknown:
         parser.error(f"--only takes {sorted(variants)} for this model, got {unknown}")

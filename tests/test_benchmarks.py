@@ -179,8 +179,11 @@ def test_transfer_check_scores_a_stem_model_before_and_after_scaling(
     # --only: the one variant a rule chose, scored alike; a name the model has not is refused
     script = runpy.run_path(str(repo_root / "benchmarks" / "transfer_check.py"), run_name="transfer_check")
     args = ["--model", str(tmp_path / "model"), "--data_dir", str(shared_data_dir)]
+    reads, read = [], script["main"].__globals__["volumes_and_labels"]
+    script["main"].__globals__["volumes_and_labels"] = lambda *a: reads.append(a[1]) or read(*a)
     only = script["main"]([*args, "--only", "transfer_stem_scale_2_trilinear"])["results"]
     assert only == {"transfer_stem_scale_2_trilinear": results["transfer_stem_scale_2_trilinear"]}
+    assert reads == [64]  # only the size it scores is read
     with pytest.raises(SystemExit):
         script["main"]([*args, "--only", "transfer_stem_scale_3"])
     assert "--only takes" in capsys.readouterr().err
