@@ -171,19 +171,21 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize(
-    "encoder_type, mixing",
-    [("joint", []), ("factorised_self_attention", ["--mixup_alpha", "0.4", "--cutmix_alpha", "1.0"])],
-    ids=["joint", "factorised_self_attention_with_mixing"],
-)
-def test_ddp_two_processes_keep_the_loss_scale(shared_data_dir, tmp_path, encoder_type, mixing):
+    "encoder_type, options",
+    [("joint", []), ("factorised_self_attention", ["--mixup_alpha", "0.4", "--cutmix_alpha", "1.0"]),
+     ("joint", ["--sam_rho", "0.05"])],
+    ids=["joint", "factorised_self_attention_with_mixing", "joint_with_sam"],
+)  # fmt: skip
+def test_ddp_two_processes_keep_the_loss_scale(shared_data_dir, tmp_path, encoder_type, options):
     # Without dropout and with the same seed, 2 processes x 8 volumes see the same global batches as 1 process x
     # 16 volumes, so the logged losses and gradient norms must coincide. The loss-scaling trap (mean loss per
     # process, multiplied by the world size) doubles the loss; two processes that each train alone log
     # world_size=1. The second case also mixes volumes (mixup and cutmix, vivit_medmnist.mixing), whose loss the
-    # Trainer takes from compute_loss_func and scales by its own rule.
+    # Trainer takes from compute_loss_func and scales by its own rule. The third takes sharpness-aware steps, whose
+    # ascent uses the gradient averaged over the processes: the whole batch's, as in one process.
     # float32: bf16 (the default on a CPU where it is faster) rounds the two runs' sums differently
     common = ["--config_overrides", f"{TINY_MODEL},attention_probs_dropout_prob=0,encoder_type={encoder_type}",
-              "--num_train_epochs", "1", *mixing,
+              "--num_train_epochs", "1", *options,
               "--eval_strategy", "epoch", "--save_strategy", "epoch", "--bf16", "false"]  # fmt: skip
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
     launch = [
