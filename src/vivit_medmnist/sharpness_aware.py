@@ -5,7 +5,8 @@ ascent step inside a ball of radius rho), computes the gradient there, returns t
 optimizer (AdamW, with its clipping and schedule) step with that second gradient. Chen et al. (ICLR 2022,
 "When Vision Transformers Outperform ResNets without Pretraining or Strong Data Augmentations") found it the
 lever that lets a ViT trained from scratch on little data generalise. A step costs two forward and backward
-passes.
+passes. On AdrenalMNIST3D with `recipes/medmnist3d.yaml` it lowered the training fit and the validation AUC
+(rho 0.05, two seeds: benchmarks/ACCURACY.md, issue 23): an option, off by default.
 
 No library of the ecosystem has SAM for the `Trainer`; this is the paper's algorithm on top of
 `Trainer.training_step`, so mixed precision, label smoothing and mixing's loss stay the Trainer's. Under DDP
