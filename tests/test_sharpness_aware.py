@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_publishing import TINY, tiny_model
 from test_scripts import TINY_OVERRIDES, run_in_process
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
 from vivit_medmnist import VivitMedmnistConfig, VivitMedmnistForVideoClassification
 from vivit_medmnist.sharpness_aware import SharpnessAwareTrainer
@@ -73,7 +73,6 @@ def test_bad_settings_are_refused(tmp_path):
     args = TrainingArguments(tmp_path, report_to="none", use_cpu=True)
     with pytest.raises(ValueError, match="sam_rho must be positive, got 0"):
         SharpnessAwareTrainer(model=tiny_model(), args=args, sam_rho=0)
-    assert issubclass(SharpnessAwareTrainer, Trainer)
 
 
 def test_a_run_trains_with_sam_and_its_card_says_so(shared_data_dir, tmp_path):

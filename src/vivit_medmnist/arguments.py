@@ -31,6 +31,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from .config_overrides import OptionError, override_items, parse_config_overrides
 from .cpu_speed import bf16_is_faster
 from .recipe_files import load_recipe
+from .sharpness_aware import check_sam
 
 CHECKPOINTS = "checkpoints"  # subfolder of --output_dir that holds the Trainer checkpoints (never published)
 
@@ -327,13 +328,10 @@ def parse_args(
         if training_args.load_best_model_at_end:
             parser.error("--weight_average_decay keeps the averaged weights: it cannot go with --load_best_model_at_end")
     if options.sam_rho is not None:
-        if not options.sam_rho > 0:
-            parser.error(f"--sam_rho must be positive, got {options.sam_rho}")
-        if training_args.gradient_accumulation_steps != 1:
-            parser.error(
-                "--sam_rho takes its ascent step on a whole batch's gradient: it needs "
-                f"--gradient_accumulation_steps 1, got {training_args.gradient_accumulation_steps}"
-            )
+        try:
+            check_sam(options.sam_rho, training_args.gradient_accumulation_steps)
+        except ValueError as err:
+            parser.error(str(err))
     if missing := _missing_integrations(training_args.report_to):
         parser.error(
             f"--report_to {' '.join(missing)}: not installed; pip install 'vivit-medmnist[{missing[0]}]' "

@@ -19,21 +19,27 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-__all__ = ["SharpnessAwareTrainer"]
+__all__ = ["SharpnessAwareTrainer", "check_sam"]
+
+
+def check_sam(rho: float, gradient_accumulation_steps: int) -> None:
+    """Raise ValueError unless SAM can run with radius `rho` (positive) and this gradient accumulation (none:
+    the ascent step needs the whole batch's gradient). The command line and the Trainer both ask here."""
+    if not rho > 0:
+        raise ValueError(f"--sam_rho must be positive, got {rho}")
+    if gradient_accumulation_steps != 1:
+        raise ValueError(
+            "--sam_rho takes its ascent step on a whole batch's gradient: it needs "
+            f"--gradient_accumulation_steps 1, got {gradient_accumulation_steps}"
+        )
 
 
 class SharpnessAwareTrainer(Trainer):
     """A `Trainer` whose every optimisation step is a SAM step of radius `sam_rho`."""
 
     def __init__(self, *args, sam_rho: float, **kwargs):
-        if not sam_rho > 0:
-            raise ValueError(f"sam_rho must be positive, got {sam_rho}")
         super().__init__(*args, **kwargs)
-        if self.args.gradient_accumulation_steps != 1:  # the ascent step needs the whole batch's gradient
-            raise ValueError(
-                "SAM (--sam_rho) needs --gradient_accumulation_steps 1, "
-                f"got {self.args.gradient_accumulation_steps}"
-            )
+        check_sam(sam_rho, self.args.gradient_accumulation_steps)
         self.sam_rho = sam_rho
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
