@@ -18,7 +18,7 @@ from vivit_medmnist import (
     VivitMedmnistForVideoClassification,
     VivitMedmnistImageProcessor,
 )
-from vivit_medmnist.publishing import load_without_package, probe_volume
+from vivit_medmnist.hub_files import load_without_package, probe_volume
 from vivit_medmnist.resolution import transfer_resolution
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_publishing import make_folder
+from test_hub_files import make_folder
 
 from vivit_medmnist.demo import build_demo, render, write_space
 

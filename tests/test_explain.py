@@ -228,7 +228,7 @@ def test_metrics_report_ece_and_brier():
 
 def test_predict_explain_writes_aligned_maps_and_pictures(tmp_path, capsys):
     nibabel = pytest.importorskip("nibabel")
-    from test_publishing import make_folder
+    from test_hub_files import make_folder
 
     from vivit_medmnist.predict import main
 

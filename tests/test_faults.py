@@ -21,12 +21,12 @@ import pytest
 import torch
 from forked_runs import ForkedRun
 from safetensors.torch import load_file
-from test_publishing import make_folder
+from test_hub_files import make_folder
 from test_safety import assert_user_error, digest, folder_digests
 from test_scripts import load_script, run_in_process, run_script
 
 from vivit_medmnist.checkpoints import checkpoint_problem, complete_checkpoints, resolve_checkpoint
-from vivit_medmnist.publishing import code_files, left_out_files, publishable_files
+from vivit_medmnist.hub_files import code_files, left_out_files, publishable_files
 from vivit_medmnist.safe_io import FolderInUse, lock_folder, unlock_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -331,7 +331,7 @@ def test_publishing_takes_only_the_files_the_model_needs(tmp_path):
 def test_a_damaged_model_folder_is_named_through_remote_code_and_the_pipeline(tmp_path):
     from transformers import pipeline
 
-    from vivit_medmnist.publishing import load_without_package
+    from vivit_medmnist.hub_files import load_without_package
 
     folder = damaged_folders(tmp_path)["extra_label"]
     with pytest.raises(RuntimeError, match="config.json does not match model.safetensors"):

@@ -1,6 +1,6 @@
 """What Hugging Face users habitually do, each test named after the habit it protects (issue 15, part 2).
 
-`pipeline()` is tested with the publishable folder in test_publishing.py (with and without the package).
+`pipeline()` is tested with the publishable folder in test_hub_files.py (with and without the package).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from test_publishing import make_folder, tiny_model
+from test_hub_files import make_folder, tiny_model
 from test_scripts import load_script, run_script
 from transformers import DefaultDataCollator, Trainer, TrainingArguments
 

@@ -15,7 +15,7 @@ from vivit_medmnist import (
     VivitMedmnistImageProcessor,
 )
 from vivit_medmnist.arguments import ModelArguments
-from vivit_medmnist.publishing import load_without_package, probe_volume
+from vivit_medmnist.hub_files import load_without_package, probe_volume
 from vivit_medmnist.resolution import pseudo_inverse_resize, transfer_resolution
 from vivit_medmnist.trainer_setup import build_model
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_publishing import make_folder, tiny_model
+from test_hub_files import make_folder, tiny_model
 from test_scripts import Trap, load_script, run_in_process, run_script
 
 from vivit_medmnist import VivitMedmnistImageProcessor, VivitMedmnistModel

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 from forked_runs import run_forked
-from test_publishing import EXPECTED_FILES, add_training_leftovers, make_folder, tiny_model
+from test_hub_files import EXPECTED_FILES, add_training_leftovers, make_folder, tiny_model
 
 from vivit_medmnist import VivitMedmnistImageProcessor
+from vivit_medmnist.hub_files import REPO_ID_PLACEHOLDER, publishable_files
 from vivit_medmnist.metrics import compute_metrics
-from vivit_medmnist.publishing import REPO_ID_PLACEHOLDER, publishable_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO_ROOT / "scripts"

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_publishing import TINY, tiny_model
+from test_hub_files import TINY, tiny_model
 from test_scripts import TINY_OVERRIDES, run_in_process
 from transformers import TrainingArguments
 

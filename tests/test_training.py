@@ -596,7 +596,7 @@ def test_the_weight_average_is_the_saved_model_and_resumes_from_its_checkpoint(t
 
 
 def test_test_time_views_are_label_safe_shifts_reported_beside_the_plain_metrics(shared_data_dir, tmp_path):
-    from test_publishing import make_folder
+    from test_hub_files import make_folder
     from test_scripts import run_in_process
 
     from vivit_medmnist.augmentation import shift_volume, tta_shifts

@@ -160,7 +160,7 @@ def test_a_label_column_that_is_not_a_class_label_is_an_error(tmp_path):
 def test_ct_window_and_spacing_are_saved_with_the_model_and_predict_repeats_them_exactly(tmp_path):
     """A CT volume in Hounsfield units with anisotropic voxels: the folder loader stores what the processor makes
     of it, and predict.py on the raw NIfTI feeds the model exactly those values."""
-    from test_publishing import make_folder, tiny_model
+    from test_hub_files import make_folder, tiny_model
 
     rng = np.random.default_rng(1)
     hu = rng.normal(40, 300, (30, 50, 44)).astype(np.float32)

@@ -43,8 +43,8 @@ from vivit_medmnist.data import (
     resolve_data_dir,
     resolve_dataset,
 )
+from vivit_medmnist.hub_files import check_model_path
 from vivit_medmnist.metrics import compute_metrics
-from vivit_medmnist.publishing import check_model_path
 from vivit_medmnist.safe_io import check_new_output, write_text_atomic
 
 logger = logging.getLogger(__name__)

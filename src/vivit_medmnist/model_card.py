@@ -16,8 +16,8 @@ import numpy as np
 from .arguments import ModelArguments, RunArguments
 from .config_overrides import format_overrides, parse_config_overrides, same_config_value
 from .dataset_card import DatasetCard, medmnist_dataset_card
+from .hub_files import REPO_ID_PLACEHOLDER, check_model_path
 from .pipeline_vivit_medmnist import TASK
-from .publishing import REPO_ID_PLACEHOLDER, check_model_path
 from .recipe_files import resolve_recipe
 
 if TYPE_CHECKING:

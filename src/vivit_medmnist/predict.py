@@ -43,7 +43,7 @@ from transformers import AutoImageProcessor, AutoModelForVideoClassification
 import vivit_medmnist  # noqa: F401 -- registers the model with the Auto classes
 from vivit_medmnist.cpu_speed import PRECISIONS, autocast_for, prepare_for_inference
 from vivit_medmnist.explain import DEFAULT_METHOD, METHODS, explanation_paths, write_explanation
-from vivit_medmnist.publishing import check_model_path
+from vivit_medmnist.hub_files import check_model_path
 from vivit_medmnist.safe_io import check_new_output, write_text_atomic
 from vivit_medmnist.volume_files import InputError, is_nifti, load_arrays, nifti_header
 

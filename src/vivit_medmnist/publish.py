@@ -3,7 +3,7 @@
     vivit-medmnist-publish outputs/organmnist3d --repo_id my-user/vivit-organmnist3d --dry_run
     vivit-medmnist-publish outputs/organmnist3d --repo_id my-user/vivit-organmnist3d [--private]
 
-Only the files the model needs are uploaded (`vivit_medmnist.publishing.publishable_files`): the weights as
+Only the files the model needs are uploaded (`vivit_medmnist.hub_files.publishable_files`): the weights as
 safetensors, config.json, preprocessor_config.json, the code files those configs name (and what they import),
 README.md with the images it shows, and the metrics train.py wrote (*_results.json). Anything else at the top of
 the folder (a script, notes) is left out and listed; `checkpoints/` and anything pickled (training_args.bin,
@@ -28,7 +28,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, get_token
 from huggingface_hub import constants as hf_constants
 
-from vivit_medmnist.publishing import check_folder, left_out_files, stage_for_upload
+from vivit_medmnist.hub_files import check_folder, left_out_files, stage_for_upload
 
 
 def parse_args(argv=None) -> argparse.Namespace:

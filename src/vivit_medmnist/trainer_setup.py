@@ -39,11 +39,11 @@ from .config_overrides import (
 )
 from .configuration_vivit_medmnist import VivitMedmnistConfig
 from .data import MedMNIST3DCollator, load_medmnist3d
+from .hub_files import publishable_files
 from .image_processing_vivit_medmnist import VivitMedmnistImageProcessor
 from .metrics import compute_metrics
 from .mixing import soft_target_loss
 from .modeling_vivit_medmnist import VivitMedmnistForVideoClassification
-from .publishing import publishable_files
 from .resolution import transfer_resolution
 from .safe_io import is_inside, lock_folder, same_path
 from .sharpness_aware import SharpnessAwareTrainer

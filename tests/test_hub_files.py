@@ -22,8 +22,7 @@ from vivit_medmnist import (
     VivitMedmnistForVideoClassification,
     VivitMedmnistImageProcessor,
 )
-from vivit_medmnist.model_folder import save_publishable_folder
-from vivit_medmnist.publishing import (
+from vivit_medmnist.hub_files import (
     REPO_ID_PLACEHOLDER,
     check_folder,
     find_pickled_files,
@@ -32,6 +31,7 @@ from vivit_medmnist.publishing import (
     publishable_files,
     stage_for_upload,
 )
+from vivit_medmnist.model_folder import save_publishable_folder
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
 ADRENAL_LABELS = ["normal", "hyperplasia"]

@@ -1,7 +1,7 @@
-"""Publishing checks and staging: what of a model folder is uploaded, and the checks before it is.
+"""Which files of a model folder go to the Hub, and the checks they pass before they go.
 
 ```python
-from vivit_medmnist.publishing import publishable_files, check_folder
+from vivit_medmnist.hub_files import publishable_files, check_folder
 
 publishable_files("outputs/run")  # ['README.md', 'config.json', ..., 'model.safetensors', ...]
 check_folder("outputs/run").raise_for_problems()  # files, no pickles, loads without this package
