@@ -189,6 +189,36 @@ def test_transfer_check_scores_a_stem_model_before_and_after_scaling(
     assert "--only takes" in capsys.readouterr().err
 
 
+def test_seed_ensemble_averages_the_models_softmax(repo_root, shared_data_dir, tmp_path):
+    import numpy as np
+    import torch
+
+    from vivit_medmnist import VivitMedmnistConfig, VivitMedmnistForVideoClassification
+
+    folders = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        config = VivitMedmnistConfig(
+            conv_stem_channels=[4, 8, 16], tubelet_size=1, hidden_size=16, num_hidden_layers=1,
+            num_attention_heads=2, intermediate_size=32, num_labels=2,
+        )  # fmt: skip
+        VivitMedmnistForVideoClassification(config).save_pretrained(tmp_path / f"seed_{seed}")
+        folders.append(str(tmp_path / f"seed_{seed}"))
+    script = runpy.run_path(str(repo_root / "benchmarks" / "seed_ensemble.py"), run_name="seed_ensemble")
+    args = ["--data_dir", str(shared_data_dir), "--json", str(tmp_path / "ensemble.json")]
+    results = script["main"](["--models", *folders, *args])
+    assert json.loads((tmp_path / "ensemble.json").read_text()) == results
+    assert results["split"] == "validation"
+    # the average is the softmax's: recompute it from the two models by hand
+    volumes, labels = script["volumes_and_labels"]("adrenalmnist3d", 28, str(shared_data_dir), "validation")
+    probs = np.mean([script["probabilities"](folder, volumes) for folder in folders], axis=0)
+    assert results["average_of_softmax"] == script["scores"](probs, labels)
+    models = results["models"]
+    assert results["mean_of_models"]["auc"] == pytest.approx(np.mean([m["auc"] for m in models.values()]))
+    with pytest.raises(SystemExit):  # one model is no average
+        script["main"](["--models", folders[0], "--data_dir", str(shared_data_dir)])
+
+
 def test_cpu_speed_benchmark_tiny(repo_root, tmp_path):
     out = tmp_path / "cpu_speed.json"
     done = run_forked(
