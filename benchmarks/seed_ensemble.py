@@ -22,17 +22,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from transfer_check import REPO, SPLITS, volumes_and_labels
+from transfer_check import REPO, SPLITS, predict_logits, volumes_and_labels
 
 from vivit_medmnist import VivitMedmnistForVideoClassification
 from vivit_medmnist.metrics import compute_metrics
 
 
 def probabilities(model_folder: str, volumes: torch.Tensor) -> np.ndarray:
-    model = VivitMedmnistForVideoClassification.from_pretrained(model_folder).eval()
-    with torch.no_grad():
-        logits = torch.cat([model(chunk).logits for chunk in volumes.split(32)])
-    return torch.softmax(logits, dim=-1).numpy()
+    model = VivitMedmnistForVideoClassification.from_pretrained(model_folder)
+    return torch.softmax(predict_logits(model, volumes), dim=-1).numpy()
 
 
 def scores(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:

@@ -41,11 +41,14 @@ def volumes_and_labels(dataset_name: str, size: int, data_dir: str, split: str):
     return volumes, np.asarray(rows["label"])
 
 
-def score(model, volumes: torch.Tensor, labels: np.ndarray, **kwargs) -> dict[str, float]:
+def predict_logits(model, volumes: torch.Tensor, **kwargs) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
-        logits = torch.cat([model(chunk, **kwargs).logits for chunk in volumes.split(32)])
-    metrics = compute_metrics((logits.numpy(), labels))
+        return torch.cat([model(chunk, **kwargs).logits for chunk in volumes.split(32)])
+
+
+def score(model, volumes: torch.Tensor, labels: np.ndarray, **kwargs) -> dict[str, float]:
+    metrics = compute_metrics((predict_logits(model, volumes, **kwargs).numpy(), labels))
     return {key: float(metrics[key]) for key in ("accuracy", "auc")}
 
 
