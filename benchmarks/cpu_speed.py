@@ -5,9 +5,11 @@
     python benchmarks/cpu_speed.py --threads 1 --rounds 30 --json out.json
     python benchmarks/cpu_speed.py --ablation                        # also each choice alone, and in turn
     python benchmarks/cpu_speed.py --keep_freed_memory               # the whole process with cpu_speed's malloc setting
+    python benchmarks/cpu_speed.py --rounds 10 --profile 5           # and where before's and after's steps spend it
 
 The model is `recipes/medmnist3d.yaml`'s: the Keras reference with the convolutional stem ([32, 64, 128],
-tubelet 1: 64 tokens), drop-path 0.1, attention dropout 0.1, 2 labels. One random batch (32, 28, 1, 28, 28).
+tubelet 1: 64 tokens), drop-path 0.1 (the recipe's at issue 22's start; none since issue 23), attention dropout
+0.1, 2 labels. One random batch (32, 28, 1, 28, 28).
 
 - `before`: the configuration and model files of `--before_commit` (read with `git show` into a temporary
   package, so later changes to the model file cannot move the yardstick), trained as `train.py` trained it on a
@@ -25,6 +27,11 @@ tubelet 1: 64 tokens), drop-path 0.1, attention dropout 0.1, 2 labels. One rando
 Each variant runs in a process of its own (`--threads` torch threads), so that process-wide settings (the
 allocator's, which `after` applies as `train.py` does) stay with it and variants do not share caches or heap;
 the parent asks the processes for one step at a time, so they never run at once.
+
+`--profile N` then runs N more training steps of `before` and of `after` under `torch.profiler` (after the timed
+rounds, one variant at a time) and prints each one's operators by self CPU time per step, with the share of the
+step held by each family (matrix products, convolutions, GELU, softmax, normalisation, copies, element-wise
+products): where the time goes that a speed choice could still take.
 
 A training step is forward with labels (cross-entropy) + backward + optimizer step, `model.train()`; an inference
 step is a forward in `model.eval()` under `torch.inference_mode()`. Variants run in interleaved rounds (the order
@@ -55,6 +62,18 @@ REPO = Path(__file__).resolve().parents[1]
 STEM = {"conv_stem_channels": [32, 64, 128], "tubelet_size": 1, "drop_path_rate": 0.1, "num_labels": 2}
 MODEL_FILES = ("configuration_vivit_medmnist.py", "modeling_vivit_medmnist.py")
 MODES = ("train", "inference")
+# operator families for --profile's summary: aten op name -> family
+FAMILIES = {
+    "matrix products": ("aten::mm", "aten::addmm", "aten::bmm"),
+    "convolutions": ("aten::convolution_backward", "aten::mkldnn_convolution", "aten::slow_conv3d_forward"),
+    "GELU": ("aten::gelu", "aten::gelu_backward"),
+    "softmax": ("aten::_softmax", "aten::_softmax_backward_data"),
+    "normalisation": ("aten::native_batch_norm", "aten::native_batch_norm_backward", "aten::native_layer_norm",
+                      "aten::native_layer_norm_backward"),
+    "copies": ("aten::copy_", "aten::cat", "aten::clone"),
+    "element-wise products": ("aten::mul", "aten::mul_"),
+    "dropout masks": ("aten::bernoulli_",),
+}
 
 
 def write_commit_package(commit: str, folder: Path) -> None:
@@ -111,6 +130,21 @@ class Variant:
             self.forward(pixel_values=self.pixel_values)
         return time.perf_counter() - start
 
+    def profile(self, steps: int) -> dict:
+        """`steps` training steps under torch.profiler: their wall time and each operator's self CPU time (ms per
+        step) and calls. Work outside torch's operators (Python, numpy's dropout bits) is in the wall time only."""
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            wall = sum(self.step("train") for _ in range(steps))
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        ops = [
+            {"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1000 / steps, "calls_per_step": e.count / steps}
+            for e in events
+            if e.self_cpu_time_total > 0
+        ]
+        return {"wall_ms_per_step": 1000 * wall / steps, "ops": ops}
+
     def _set_attention(self, mode: str) -> None:
         if self.model.config._attn_implementation != self.attention[mode]:
             self.model.set_attn_implementation(self.attention[mode])
@@ -163,8 +197,11 @@ def child(connection, spec: dict, args, before_folder: str) -> None:
         spec, modeling, attention=spec["attention"], speed_up=spec["speed_up"], bf16=spec["bf16"],
         fused=spec["fused"], compile_model=spec["compile"], batch_size=args.batch_size,
     )
-    while (mode := connection.recv()) is not None:
-        connection.send(variant.step(mode))
+    while (request := connection.recv()) is not None:
+        if isinstance(request, tuple):  # ("profile", steps)
+            connection.send(variant.profile(request[1]))
+        else:
+            connection.send(variant.step(request))
 
 
 def measure(specs: dict[str, dict], args, before_folder: str) -> dict:
@@ -198,6 +235,10 @@ def measure(specs: dict[str, dict], args, before_folder: str) -> dict:
                 f"{n} {1000 * times[n]['train'][-1]:.0f}/{1000 * times[n]['inference'][-1]:.0f}" for n in names
             )
             print(f"round {index + 1}/{args.rounds} (train/inference ms): {line}", flush=True)
+        profiles = {}
+        for name in ("before", "after") if args.profile else ():
+            workers[name][1].send(("profile", args.profile))
+            profiles[name] = workers[name][1].recv()
     finally:
         for process, connection in workers.values():
             if process.is_alive():
@@ -215,7 +256,33 @@ def measure(specs: dict[str, dict], args, before_folder: str) -> dict:
                 "speedup_of_medians": statistics.median(base) / statistics.median(rounds),
                 "round_step_ms": [1000 * t for t in rounds],
             }
+        if name in profiles:
+            results[name]["train"]["profile"] = summarise_profile(profiles[name])
     return results
+
+
+def summarise_profile(profiled: dict) -> dict:
+    """The profiled step's wall time, its operators' total self time, each family's share of it, the operators."""
+    ops = profiled["ops"]
+    total = sum(op["self_ms_per_step"] for op in ops)
+    families = {
+        family: sum(op["self_ms_per_step"] for op in ops if op["op"] in names) for family, names in FAMILIES.items()
+    }
+    families["other"] = total - sum(families.values())
+    return {
+        "wall_ms_per_step": profiled["wall_ms_per_step"], "self_ms_per_step": total,
+        "families_ms_per_step": families, "ops": ops,
+    }
+
+
+def print_profile(name: str, summary: dict, top: int = 12) -> None:
+    total = summary["self_ms_per_step"]
+    print(f"\n{name}: training step under the profiler, {summary['wall_ms_per_step']:.1f} ms wall, "
+          f"{total:.1f} ms of it in torch's operators (self time)")
+    print("  " + ", ".join(f"{f} {ms:.1f} ms ({100 * ms / total:.0f} %)" for f, ms in summary["families_ms_per_step"].items()))
+    for op in summary["ops"][:top]:
+        print(f"  {op['op']:<40}{op['self_ms_per_step']:>8.1f} ms{100 * op['self_ms_per_step'] / total:>6.1f} %"
+              f"{op['calls_per_step']:>7.0f} calls")
 
 
 def parse_args(argv=None):
@@ -230,6 +297,8 @@ def parse_args(argv=None):
                         help="for 'after' (default: where faster, as the commands decide)")
     parser.add_argument("--optim", default="adamw_torch_fused", help="'after''s optimizer, as the recipe's (adamw_torch_fused) or adamw_torch")
     parser.add_argument("--ablation", action="store_true", help="also each choice alone, and torch.compile")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="then profile N training steps of before and after (0: none)")
     parser.add_argument("--tiny", action="store_true", help="smoke test: batch 2, 1 round, no warm-up")
     parser.add_argument("--json", help="write the settings, the machine and every number here")
     args = parser.parse_args(argv)
@@ -275,6 +344,9 @@ def main(argv=None) -> dict:
             f"{train['speedup_of_medians']:>11.2f}{infer['median_step_ms']:>10.1f}"
             f"{infer['speedup_median_of_rounds']:>10.2f}{infer['speedup_of_medians']:>11.2f}"
         )
+    for name, modes in results.items():
+        if "profile" in modes["train"]:
+            print_profile(name, modes["train"]["profile"])
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report

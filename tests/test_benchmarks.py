@@ -222,7 +222,7 @@ def test_seed_ensemble_averages_the_models_softmax(repo_root, shared_data_dir, t
 def test_cpu_speed_benchmark_tiny(repo_root, tmp_path):
     out = tmp_path / "cpu_speed.json"
     done = run_forked(
-        [str(repo_root / "benchmarks" / "cpu_speed.py"), "--tiny", "--json", str(out)],
+        [str(repo_root / "benchmarks" / "cpu_speed.py"), "--tiny", "--profile", "1", "--json", str(out)],
         tmp_path / "logs" / "run", timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -235,6 +235,17 @@ def test_cpu_speed_benchmark_tiny(repo_root, tmp_path):
             assert result["median_step_ms"] > 0 and result["speedup_median_of_rounds"] > 0
     assert report["results"]["before"]["train"]["speedup_of_medians"] == 1.0
     assert report["machine"]["variants"]["after"]["keep_freed_memory"] is True
+    for variant in ("before", "after"):  # --profile: the operators of one profiled training step, by family
+        profile = report["results"][variant]["train"]["profile"]
+        assert profile["wall_ms_per_step"] > 0 and profile["self_ms_per_step"] > 0
+        assert sum(profile["families_ms_per_step"].values()) == pytest.approx(profile["self_ms_per_step"])
+        assert profile["families_ms_per_step"]["matrix products"] > 0
+        assert any(op["op"] == "aten::mm" for op in profile["ops"])
+    # the attention's dropout: bernoulli_ masks before issue 22, none after (vivit_cpu's bits come from numpy)
+    assert report["results"]["before"]["train"]["profile"]["families_ms_per_step"]["dropout masks"] > 0
+    assert report["results"]["after"]["train"]["profile"]["families_ms_per_step"]["dropout masks"] < (
+        report["results"]["before"]["train"]["profile"]["families_ms_per_step"]["dropout masks"]
+    )
 
 
 def test_explanations_benchmark_tiny(repo_root, tmp_path):
