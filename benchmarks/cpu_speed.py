@@ -5,11 +5,11 @@
     python benchmarks/cpu_speed.py --threads 1 --rounds 30 --json out.json
     python benchmarks/cpu_speed.py --ablation                        # also each choice alone, and in turn
     python benchmarks/cpu_speed.py --keep_freed_memory               # the whole process with cpu_speed's malloc setting
-    python benchmarks/cpu_speed.py --rounds 10 --profile 5           # and where before's and after's steps spend it
+    python benchmarks/cpu_speed.py --rounds 10 --profile 5           # and where a training step's time goes
 
 The model is `recipes/medmnist3d.yaml`'s: the Keras reference with the convolutional stem ([32, 64, 128],
-tubelet 1: 64 tokens), drop-path 0.1 (the recipe's at issue 22's start; none since issue 23), attention dropout
-0.1, 2 labels. One random batch (32, 28, 1, 28, 28).
+tubelet 1: 64 tokens), drop-path 0.1 (the recipe's at issue 22's start; none since issue 23), attention
+dropout 0.1, 2 labels. One random batch (32, 28, 1, 28, 28).
 
 - `before`: the configuration and model files of `--before_commit` (read with `git show` into a temporary
   package, so later changes to the model file cannot move the yardstick), trained as `train.py` trained it on a
@@ -28,10 +28,10 @@ Each variant runs in a process of its own (`--threads` torch threads), so that p
 allocator's, which `after` applies as `train.py` does) stay with it and variants do not share caches or heap;
 the parent asks the processes for one step at a time, so they never run at once.
 
-`--profile N` then runs N more training steps of `before` and of `after` under `torch.profiler` (after the timed
-rounds, one variant at a time) and prints each one's operators by self CPU time per step, with the share of the
-step held by each family (matrix products, convolutions, GELU, softmax, normalisation, copies, element-wise
-products): where the time goes that a speed choice could still take.
+`--profile N` then runs N more training steps of `before` and of `after` under `torch.profiler` (after the
+timed rounds, one variant at a time) and prints each one's operators by self CPU time per step, with the share
+of the step held by each family (matrix products, convolutions, GELU, softmax, normalisation, copies,
+element-wise products, dropout masks): where the time goes that a speed choice could still take.
 
 A training step is forward with labels (cross-entropy) + backward + optimizer step, `model.train()`; an inference
 step is a forward in `model.eval()` under `torch.inference_mode()`. Variants run in interleaved rounds (the order
@@ -68,8 +68,12 @@ FAMILIES = {
     "convolutions": ("aten::convolution_backward", "aten::mkldnn_convolution", "aten::slow_conv3d_forward"),
     "GELU": ("aten::gelu", "aten::gelu_backward"),
     "softmax": ("aten::_softmax", "aten::_softmax_backward_data"),
-    "normalisation": ("aten::native_batch_norm", "aten::native_batch_norm_backward", "aten::native_layer_norm",
-                      "aten::native_layer_norm_backward"),
+    "normalisation": (
+        "aten::native_batch_norm",
+        "aten::native_batch_norm_backward",
+        "aten::native_layer_norm",
+        "aten::native_layer_norm_backward",
+    ),
     "copies": ("aten::copy_", "aten::cat", "aten::clone"),
     "element-wise products": ("aten::mul", "aten::mul_"),
     "dropout masks": ("aten::bernoulli_",),
@@ -131,15 +135,20 @@ class Variant:
         return time.perf_counter() - start
 
     def profile(self, steps: int) -> dict:
-        """`steps` training steps under torch.profiler: their wall time and each operator's self CPU time (ms per
-        step) and calls. Work outside torch's operators (Python, numpy's dropout bits) is in the wall time only."""
+        """`steps` training steps under torch.profiler: their wall time and each operator's self CPU time (ms
+        per step) and calls. Work outside torch's operators (Python, numpy's dropout bits) is in the wall time
+        only."""
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             wall = sum(self.step("train") for _ in range(steps))
         events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
         ops = [
-            {"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1000 / steps, "calls_per_step": e.count / steps}
+            {
+                "op": e.key,
+                "self_ms_per_step": e.self_cpu_time_total / 1000 / steps,
+                "calls_per_step": e.count / steps,
+            }
             for e in events
             if e.self_cpu_time_total > 0
         ]
@@ -262,11 +271,12 @@ def measure(specs: dict[str, dict], args, before_folder: str) -> dict:
 
 
 def summarise_profile(profiled: dict) -> dict:
-    """The profiled step's wall time, its operators' total self time, each family's share of it, the operators."""
+    """The profiled step's wall time, its operators' total self time, each family's part, the operators."""
     ops = profiled["ops"]
     total = sum(op["self_ms_per_step"] for op in ops)
     families = {
-        family: sum(op["self_ms_per_step"] for op in ops if op["op"] in names) for family, names in FAMILIES.items()
+        family: sum(op["self_ms_per_step"] for op in ops if op["op"] in names)
+        for family, names in FAMILIES.items()
     }
     families["other"] = total - sum(families.values())
     return {
@@ -279,10 +289,11 @@ def print_profile(name: str, summary: dict, top: int = 12) -> None:
     total = summary["self_ms_per_step"]
     print(f"\n{name}: training step under the profiler, {summary['wall_ms_per_step']:.1f} ms wall, "
           f"{total:.1f} ms of it in torch's operators (self time)")
-    print("  " + ", ".join(f"{f} {ms:.1f} ms ({100 * ms / total:.0f} %)" for f, ms in summary["families_ms_per_step"].items()))
+    families = summary["families_ms_per_step"].items()
+    print("  " + ", ".join(f"{family} {ms:.1f} ms ({100 * ms / total:.0f} %)" for family, ms in families))
     for op in summary["ops"][:top]:
-        print(f"  {op['op']:<40}{op['self_ms_per_step']:>8.1f} ms{100 * op['self_ms_per_step'] / total:>6.1f} %"
-              f"{op['calls_per_step']:>7.0f} calls")
+        ms = op["self_ms_per_step"]
+        print(f"  {op['op']:<40}{ms:>8.1f} ms{100 * ms / total:>6.1f} %{op['calls_per_step']:>7.0f} calls")
 
 
 def parse_args(argv=None):
