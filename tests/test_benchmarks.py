@@ -238,10 +238,11 @@ def test_cpu_speed_benchmark_tiny(repo_root, tmp_path):
     for variant in ("before", "after"):  # --profile: the operators of one profiled training step, by family
         profile = report["results"][variant]["train"]["profile"]
         assert profile["wall_ms_per_step"] > 0 and profile["self_ms_per_step"] > 0
-        assert sum(profile["families_ms_per_step"].values()) == pytest.approx(profile["self_ms_per_step"])
+        # the families still match torch's operator names: were they renamed, "other" would hold the step
+        assert profile["families_ms_per_step"]["other"] < profile["self_ms_per_step"] / 2
         assert profile["families_ms_per_step"]["matrix products"] > 0
         assert any(op["op"] == "aten::mm" for op in profile["ops"])
-    # the attention's dropout: bernoulli_ masks before issue 22, none after (vivit_cpu's bits come from numpy)
+    # bernoulli_ masks: the attention's dropout before issue 22, after it only drop-path's
     assert report["results"]["before"]["train"]["profile"]["families_ms_per_step"]["dropout masks"] > 0
     assert report["results"]["after"]["train"]["profile"]["families_ms_per_step"]["dropout masks"] < (
         report["results"]["before"]["train"]["profile"]["families_ms_per_step"]["dropout masks"]
